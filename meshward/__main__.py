@@ -1,0 +1,5 @@
+import sys
+
+from meshward import cli
+
+sys.exit(cli.main())

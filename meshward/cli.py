@@ -1,0 +1,148 @@
+"""The ``meshward`` command: one entry point, a subcommand per component.
+
+Every deliberate failure is a :class:`meshward.errors.MeshwardError`; it is printed as one line
+(``meshward: error: ...``) with exit status 1, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+from meshward import errors
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _dev_directory(args: argparse.Namespace) -> pathlib.Path:
+    from meshward import devcluster
+
+    return pathlib.Path(args.dir) if args.dir else devcluster.default_directory(args.name)
+
+
+def _dev_up(args: argparse.Namespace) -> int:
+    from meshward import devcluster
+
+    directory = _dev_directory(args)
+    cluster = devcluster.up(
+        directory, apiserver_port=args.port, controller_manager=not args.no_controller_manager
+    )
+    print(f"control plane ready at {cluster.server} (state in {directory})")
+    print(f"export KUBECONFIG={cluster.kubeconfig}")
+    return 0
+
+
+def _dev_build(args: argparse.Namespace) -> int:
+    from meshward import devcluster
+
+    binaries = devcluster.ensure()
+    print(f"kube-apiserver  {binaries.apiserver}")
+    print(f"etcd            {binaries.etcd}")
+    if binaries.controller_manager:
+        print(f"controller-mgr  {binaries.controller_manager}")
+    return 0
+
+
+def _dev_status(args: argparse.Namespace) -> int:
+    from meshward import devcluster
+
+    directory = _dev_directory(args)
+    cluster = devcluster.load(directory)
+    if cluster is None:
+        print(f"no control plane in {directory}")
+        return 1
+    ready = cluster.ready()
+    print(f"server      {cluster.server}  ({'ready' if ready else 'NOT READY'})")
+    print(f"kubeconfig  {cluster.kubeconfig}")
+    for name, alive in cluster.alive().items():
+        print(f"{name:<24} pid {cluster.pids[name]:<8} {'running' if alive else 'STOPPED'}")
+    return 0 if ready else 1
+
+
+def _dev_down(args: argparse.Namespace) -> int:
+    from meshward import devcluster
+
+    directory = _dev_directory(args)
+    if devcluster.down(directory):
+        print(f"stopped and removed {directory}")
+    else:
+        print(f"no control plane in {directory}")
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from meshward.operator import _run
+
+    return _run.run(args)
+
+
+def _policy_explain(args: argparse.Namespace) -> int:
+    from meshward import explain
+
+    return explain.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshward", description="Service-mesh identity and authorization for Kubernetes."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="a real local control plane (etcd + kube-apiserver)")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    build = dev_sub.add_parser(
+        "build", help="find or build the control plane binaries (cached per user)"
+    )
+    build.set_defaults(func=_dev_build)
+    for name, fn, text in (
+        ("up", _dev_up, "start a control plane on loopback and write its kubeconfig"),
+        ("status", _dev_status, "show whether it runs and is ready"),
+        ("down", _dev_down, "stop it and remove its state"),
+    ):
+        p = dev_sub.add_parser(name, help=text, description=text)
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--name", default="default", help="several can run side by side")
+        where.add_argument("--dir", help="state directory (default: per-user state dir + name)")
+        if name == "up":
+            p.add_argument("--port", type=int, help="kube-apiserver port (default: a free one)")
+            p.add_argument(
+                "--no-controller-manager", action="store_true",
+                help="skip kube-controller-manager (no default ServiceAccounts, no namespace GC)",
+            )
+        p.set_defaults(func=fn)
+
+    op = sub.add_parser("operator", help="run the operator (same as kopf run -m meshward.operator)")
+    from meshward.operator import _settings
+
+    _settings.add_arguments(op)
+    op.set_defaults(func=_operator)
+
+    policy = sub.add_parser("policy", help="inspect compiled policy")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    explain = policy_sub.add_parser(
+        "explain", help="show whether a client may reach a pod's port, and the deciding rule"
+    )
+    from meshward import explain as explain_module
+
+    explain_module.add_arguments(explain)
+    explain.set_defaults(func=_policy_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except errors.MeshwardError as exc:
+        print(f"meshward: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""kopf handlers: thin. Each says which namespace to rebuild, or validates one object.
+
+Every handler here is an ``on.event`` (no progress stored on the objects) or an admission
+handler; the work happens in :mod:`meshward.operator._reconcile`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import tempfile
+from typing import Any
+
+import kopf
+
+from meshward import errors, kube
+from meshward.operator import _certs, _reconcile, _settings
+from meshward.policy import compiled, resources
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    config = _settings.from_env()
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    if config.webhook_port:
+        cert_dir = pathlib.Path(config.webhook_cert_dir or tempfile.mkdtemp(prefix="meshward-webhook-"))
+        certfile, pkeyfile = _certs.write_self_signed(cert_dir, config.webhook_host)
+        settings.admission.server = kopf.WebhookServer(
+            addr=config.webhook_host, port=config.webhook_port, host=config.webhook_host,
+            certfile=str(certfile), pkeyfile=str(pkeyfile),
+        )
+        settings.admission.managed = config.webhook_name
+    api = await kube.connect()
+    memo.api = api
+    memo.config = config
+    memo.reconciler = _reconcile.Reconciler(api, config)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if "reconciler" in memo:
+        await memo.reconciler.close()
+    if "api" in memo:
+        await memo.api.close()
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
+    return info or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _policy_event(kind: str) -> None:
+    plural = resources.PLURALS[kind]
+
+    @kopf.on.event(resources.GROUP, resources.VERSION, plural, id=f"rebuild-on-{plural}")
+    async def rebuild(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+        reconciler: _reconcile.Reconciler = memo.reconciler
+        if kind == "PeerAuthentication" and namespace == memo.config.policy.root_namespace:
+            await reconciler.mark_all()
+        else:
+            reconciler.mark(namespace)
+
+    # Admission: the schema can not say "exactly one of", "except inside cidr" and the like.
+    # failurePolicy Ignore: while the operator is down, resources still pass the CRD schema and
+    # the operator reports anything invalid in status when it returns (and leaves it out of policy).
+    @kopf.on.validate(
+        resources.GROUP, resources.VERSION, plural, id=f"validate-{plural}",
+        operations=["CREATE", "UPDATE"], ignore_failures=True,
+    )
+    def validate(body: kopf.Body, **_: Any) -> None:
+        raw = dict(body)
+        raw.setdefault("kind", kind)
+        try:
+            resources.parse(raw)
+        except errors.InvalidResource as exc:
+            raise kopf.AdmissionError(f"{kind} {body.get('metadata', {}).get('name', '')}: {exc}",
+                                      code=422) from exc
+
+
+for _kind in resources.KINDS:
+    _policy_event(_kind)
+
+
+@kopf.on.event("", "v1", "pods", id="rebuild-on-pods")
+async def pods(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.mark(namespace)
+
+
+@kopf.on.event("", "v1", "namespaces", id="rebuild-on-namespaces")
+async def namespaces(name: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.mark(name)
+
+
+@kopf.on.event(
+    "", "v1", "configmaps", id="restore-policy-document",
+    field="metadata.name", value=compiled.CONFIGMAP_NAME,
+)
+async def documents(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    """Someone edited or deleted a compiled document: rebuild it (a no-op when it is ours)."""
+    memo.reconciler.mark(namespace)

@@ -1,0 +1,97 @@
+"""Fixtures: one real control plane per test run, a namespace per test, the operator process.
+
+``MESHWARD_TEST_KUBECONFIG=<path>`` runs the same tests against an existing cluster instead of
+starting one (the CRDs are applied to it; the operator runs locally against it).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client, config
+
+from meshward import devcluster
+from tests import kubetest
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    existing = os.environ.get("MESHWARD_TEST_KUBECONFIG")
+    if existing:
+        yield pathlib.Path(existing)
+        return
+    directory = tmp_path_factory.mktemp("control-plane")
+    cluster = devcluster.up(directory)
+    try:
+        yield cluster.kubeconfig
+    finally:
+        devcluster.down(directory)
+
+
+@pytest.fixture(scope="session")
+def kubectl(kubeconfig: pathlib.Path) -> kubetest.Kubectl:
+    return kubetest.Kubectl(kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def api(kubeconfig: pathlib.Path) -> Iterator[client.ApiClient]:
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    yield api
+    api.close()
+
+
+@pytest.fixture(scope="session")
+def core(api: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture(scope="session")
+def custom(api: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api)
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl: kubetest.Kubectl) -> None:
+    kubectl.run("apply", "-f", str(kubetest.ROOT / "crds"))
+    kubectl.run("wait", "--for=condition=established", "--timeout=30s", "-f",
+                str(kubetest.ROOT / "crds"))
+
+
+@pytest.fixture(scope="session")
+def operator(
+    kubeconfig: pathlib.Path, crds: None, core: client.CoreV1Api,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[kubetest.Operator]:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = kubetest.Operator(kubeconfig, log)
+    op.start()
+    probe = f"t-operator-ready-{uuid.uuid4().hex[:6]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=probe)))
+    try:
+        kubetest.wait_document(core, probe, what="the operator's first document", timeout=60)
+        kubetest.wait_for(
+            "the validating webhook configuration",
+            lambda: client.AdmissionregistrationV1Api(core.api_client)
+            .list_validating_webhook_configuration().items,
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{op.log_tail()}") from exc
+    finally:
+        core.delete_namespace(probe)
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, core: client.CoreV1Api) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (deletion is not awaited)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{uuid.uuid4().hex[:5]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)

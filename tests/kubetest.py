@@ -1,0 +1,126 @@
+"""Helpers for tests that run against a real API server: kubectl, waiting, the operator process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from kubernetes import client
+from kubernetes.client import exceptions
+
+from meshward.policy import compiled
+
+T = TypeVar("T")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 20.0) -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+        except (exceptions.ApiException, AssertionError, KeyError) as exc:
+            last, value = exc, None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last})")
+
+
+class Kubectl:
+    def __init__(self, kubeconfig: pathlib.Path) -> None:
+        self.kubeconfig = kubeconfig
+
+    def run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            input=input, capture_output=True, text=True, timeout=60,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def apply(self, manifest: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run("apply", "-f", "-", input=manifest, check=check)
+
+
+def read_document(core: client.CoreV1Api, namespace: str) -> compiled.PolicyDocument | None:
+    try:
+        cm = core.read_namespaced_config_map(compiled.CONFIGMAP_NAME, namespace)
+    except exceptions.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return compiled.PolicyDocument.from_json((cm.data or {})[compiled.CONFIGMAP_KEY])
+
+
+def wait_document(
+    core: client.CoreV1Api, namespace: str,
+    check: Callable[[compiled.PolicyDocument], bool] = lambda d: True,
+    what: str = "the compiled policy", timeout: float = 20.0,
+) -> compiled.PolicyDocument:
+    def probe() -> compiled.PolicyDocument | None:
+        doc = read_document(core, namespace)
+        return doc if doc is not None and check(doc) else None
+
+    return wait_for(f"{what} in namespace {namespace}", probe, timeout)
+
+
+class Operator:
+    """The operator as a user runs it: ``meshward operator``, in its own process."""
+
+    def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path, env: dict[str, str] | None = None) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.webhook_port = free_port()
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "MESHWARD_WEBHOOK_PORT": str(self.webhook_port),
+            **self.extra_env,
+        }
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshward", "operator", "--verbose"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )
+        out.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
