@@ -118,7 +118,11 @@ def main() -> int:
             api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
             p50s, p99s = [], []
             for run in range(args.runs):
-                lat = one_run(api, args.applies)
+                try:
+                    lat = one_run(api, args.applies)
+                except AssertionError:
+                    print(op.log_tail(), file=sys.stderr)
+                    raise
                 p50s.append(percentile(lat, 0.5) * 1000)
                 p99s.append(percentile(lat, 0.99) * 1000)
                 print(f"run {run + 1}: {args.applies} applies  p50 {p50s[-1]:.1f} ms  "

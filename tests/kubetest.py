@@ -16,6 +16,7 @@ from typing import TypeVar
 from kubernetes import client
 from kubernetes.client import exceptions
 
+from meshward import errors
 from meshward.policy import compiled
 
 T = TypeVar("T")
@@ -35,7 +36,7 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 20.0) -> T:
     while time.monotonic() < deadline:
         try:
             value = fn()
-        except (exceptions.ApiException, AssertionError, KeyError) as exc:
+        except (exceptions.ApiException, AssertionError, KeyError, errors.PolicyError) as exc:
             last, value = exc, None
         if value:
             return value

@@ -79,6 +79,7 @@ def test_failed_build_step_is_one_line_naming_the_step(tmp_path: pathlib.Path) -
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1, proc.stderr
     assert errors[0].startswith("meshward: error: apt-get update:")
+    assert "127.0.0.1:9" in errors[0]  # the cause, not only the step
     assert "[1/7]" in proc.stderr  # progress was shown before the failure
 
 

@@ -130,10 +130,20 @@ def _run(step: str, argv: Sequence[str], *, cwd: pathlib.Path | None = None,
         except FileNotFoundError as exc:
             raise errors.ControlPlaneError(step, f"{argv[0]} not found ({exc})") from exc
     if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
         raise errors.ControlPlaneError(
-            step, f"{argv[0]} exited {proc.returncode}: {tail[0][:200]} (full log: {log})"
+            step, f"{argv[0]} exited {proc.returncode}: {_cause(log)} (full log: {log})"
         )
+
+
+def _cause(log: pathlib.Path) -> str:
+    """The most telling line of a failed step's output: its first error, else its last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    last_command = max((i for i, line in enumerate(lines) if line.startswith("$ ")), default=-1)
+    lines = lines[last_command + 1 :]
+    for line in lines:
+        if line.startswith(("E:", "W:")) or "error" in line.lower() or "failed" in line.lower():
+            return line[:200]
+    return lines[-1][:200] if lines else "(no output)"
 
 
 def build(dest: pathlib.Path, progress: Progress) -> None:
@@ -169,7 +179,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
         "-o=Debug::NoLocking=1",
         "-q",
     ]
-    _run("apt-get update", ["apt-get", *apt_opts, "update"], log=log)
+    _run("apt-get update", ["apt-get", *apt_opts, "--error-on=any", "update"], log=log)
 
     progress(f"[2/{steps}] downloading Kubernetes {KUBERNETES_VERSION} source, Go 1.15 and etcd")
     downloads = work / "debs"

@@ -63,6 +63,9 @@ def _policy_event(kind: str) -> None:
         else:
             reconciler.mark(namespace)
 
+    if not _settings.webhook_enabled():
+        return  # kopf refuses admission handlers without a server to serve them
+
     # Admission: the schema can not say "exactly one of", "except inside cidr" and the like.
     # failurePolicy Ignore: while the operator is down, resources still pass the CRD schema and
     # the operator reports anything invalid in status when it returns (and leaves it out of policy).

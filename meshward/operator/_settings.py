@@ -88,6 +88,11 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
     )
 
 
+def webhook_enabled() -> bool:
+    """Whether the validating webhook is on; read when the handlers are registered."""
+    return os.environ.get(ENV["webhook_port"], "9443") != "0"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for ``meshward operator``; each sets the environment variable of the same setting."""
     parser.add_argument("--trust-domain", help=f"mesh trust domain [{ENV['trust_domain']}]")

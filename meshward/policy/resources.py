@@ -180,12 +180,24 @@ class _Resource(_Model):
 
 class ServerSpec(_Model):
     pod_selector: LabelSelector
+    # strict: in lax mode pydantic turns `port: true` into port 1, where the CRD schema refuses a
+    # boolean. (It also refuses 80.0, which the API server would store as 80; harmless.)
     port: (
-        Annotated[int, pydantic.Field(ge=1, le=65535)]
+        Annotated[int, pydantic.Field(ge=1, le=65535, strict=True)]
         | Annotated[str, pydantic.Field(pattern=PORT_NAME, max_length=15)]
     )
     proxy_protocol: ProxyProtocol = ProxyProtocol.UNKNOWN
     access_policy: DefaultPolicy = DefaultPolicy.DENY
+
+    @pydantic.field_validator("port")
+    @classmethod
+    def _port_name_has_a_letter(cls, port: int | str) -> int | str:
+        if isinstance(port, str) and not any(c.isalpha() for c in port):
+            raise ValueError(
+                f"port name {port!r} has no letter, so no container port can carry it; "
+                "write the number without quotes, or use the container port's name"
+            )
+        return port
 
 
 class Server(_Resource):
@@ -215,7 +227,9 @@ class ServiceAccountRef(_Model):
 
 
 class MeshTLS(_Model):
-    unauthenticated_tls: bool | None = pydantic.Field(default=None, alias="unauthenticatedTLS")
+    unauthenticated_tls: pydantic.StrictBool | None = pydantic.Field(
+        default=None, alias="unauthenticatedTLS"
+    )
     identities: tuple[Annotated[str, pydantic.Field(pattern=IDENTITY)], ...] | None = None
     service_accounts: tuple[ServiceAccountRef, ...] | None = None
 
@@ -239,7 +253,7 @@ class MeshTLS(_Model):
 
 
 class Client(_Model):
-    unauthenticated: bool | None = None
+    unauthenticated: pydantic.StrictBool | None = None
     networks: tuple[Network, ...] | None = None
     mesh_tls: MeshTLS | None = pydantic.Field(default=None, alias="meshTLS")
 
