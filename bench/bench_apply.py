@@ -21,11 +21,11 @@ import uuid
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from kubernetes import client, config, watch  # noqa: E402
+from kubernetes import client, config, watch
 
-from meshward import devcluster  # noqa: E402
-from meshward.policy import compiled  # noqa: E402
-from tests import kubetest  # noqa: E402
+from meshward import devcluster
+from meshward.policy import compiled
+from tests import kubetest
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -40,7 +40,11 @@ def authorization(ns: str, i: int) -> dict[str, object]:
         "metadata": {"name": "bench", "namespace": ns},
         "spec": {
             "server": {"name": "web"},
-            "client": {"meshTLS": {"identities": [f"sa-{i}.{ns}.serviceaccount.identity.meshward.cluster.local"]}},
+            "client": {
+                "meshTLS": {
+                    "identities": [f"sa-{i}.{ns}.serviceaccount.identity.meshward.cluster.local"]
+                }
+            },
         },
     }
 
@@ -50,10 +54,16 @@ def one_run(api: client.ApiClient, applies: int) -> list[float]:
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     custom.create_namespaced_custom_object(
-        "policy.meshward.io", "v1alpha1", ns, "servers",
-        {"apiVersion": "policy.meshward.io/v1alpha1", "kind": "Server",
-         "metadata": {"name": "web", "namespace": ns},
-         "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": 8080}},
+        "policy.meshward.io",
+        "v1alpha1",
+        ns,
+        "servers",
+        {
+            "apiVersion": "policy.meshward.io/v1alpha1",
+            "kind": "Server",
+            "metadata": {"name": "web", "namespace": ns},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "port": 8080},
+        },
     )
     custom.create_namespaced_custom_object(
         "policy.meshward.io", "v1alpha1", ns, "serverauthorizations", authorization(ns, -1)
@@ -67,8 +77,10 @@ def one_run(api: client.ApiClient, applies: int) -> list[float]:
     def watcher() -> None:
         w = watch.Watch()
         for event in w.stream(
-            core.list_namespaced_config_map, ns,
-            field_selector=f"metadata.name={compiled.CONFIGMAP_NAME}", timeout_seconds=600,
+            core.list_namespaced_config_map,
+            ns,
+            field_selector=f"metadata.name={compiled.CONFIGMAP_NAME}",
+            timeout_seconds=600,
         ):
             now = time.perf_counter()
             text = (event["object"].data or {}).get(compiled.CONFIGMAP_KEY, "")
@@ -87,7 +99,11 @@ def one_run(api: client.ApiClient, applies: int) -> list[float]:
     for i in range(applies):
         body = authorization(ns, i)
         custom.patch_namespaced_custom_object(
-            "policy.meshward.io", "v1alpha1", ns, "serverauthorizations", "bench",
+            "policy.meshward.io",
+            "v1alpha1",
+            ns,
+            "serverauthorizations",
+            "bench",
             {"spec": body["spec"]},
         )
         accepted = time.perf_counter()
@@ -108,12 +124,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="meshward-bench-") as tmp:
         directory = pathlib.Path(tmp)
         cluster = devcluster.up(directory / "cp")
-        op = kubetest.Operator(cluster.kubeconfig, directory / "operator.log",
-                               env={"MESHWARD_WEBHOOK_PORT": "0"})
+        op = kubetest.Operator(
+            cluster.kubeconfig, directory / "operator.log", env={"MESHWARD_WEBHOOK_PORT": "0"}
+        )
         try:
             kubetest.Kubectl(cluster.kubeconfig).run("apply", "-f", str(kubetest.ROOT / "crds"))
             kubetest.Kubectl(cluster.kubeconfig).run(
-                "wait", "--for=condition=established", "-f", str(kubetest.ROOT / "crds"))
+                "wait", "--for=condition=established", "-f", str(kubetest.ROOT / "crds")
+            )
             op.start()
             api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
             p50s, p99s = [], []
@@ -125,11 +143,15 @@ def main() -> int:
                     raise
                 p50s.append(percentile(lat, 0.5) * 1000)
                 p99s.append(percentile(lat, 0.99) * 1000)
-                print(f"run {run + 1}: {args.applies} applies  p50 {p50s[-1]:.1f} ms  "
-                      f"p99 {p99s[-1]:.1f} ms  max {max(lat) * 1000:.1f} ms")
-            print(f"apply-to-ConfigMap latency, median of {args.runs} runs: "
-                  f"p50 {statistics.median(p50s):.1f} ms  p99 {statistics.median(p99s):.1f} ms "
-                  f"(target p99 < 1000 ms)")
+                print(
+                    f"run {run + 1}: {args.applies} applies  p50 {p50s[-1]:.1f} ms  "
+                    f"p99 {p99s[-1]:.1f} ms  max {max(lat) * 1000:.1f} ms"
+                )
+            print(
+                f"apply-to-ConfigMap latency, median of {args.runs} runs: "
+                f"p50 {statistics.median(p50s):.1f} ms  p99 {statistics.median(p99s):.1f} ms "
+                f"(target p99 < 1000 ms)"
+            )
         finally:
             op.stop()
             devcluster.down(directory / "cp")

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "up":
             p.add_argument("--port", type=int, help="kube-apiserver port (default: a free one)")
             p.add_argument(
-                "--no-controller-manager", action="store_true",
+                "--no-controller-manager",
+                action="store_true",
                 help="skip kube-controller-manager (no default ServiceAccounts, no namespace GC)",
             )
         p.set_defaults(func=fn)

@@ -19,7 +19,9 @@ EXIT_ALLOWED, EXIT_DENIED = 0, 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", "-n", required=True)
     parser.add_argument("--pod", required=True, help="destination pod name")
-    parser.add_argument("--port", required=True, help="destination port: number or container port name")
+    parser.add_argument(
+        "--port", required=True, help="destination port: number or container port name"
+    )
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--identity", help="client mesh identity (SPIFFE ID or identity name)")
     who.add_argument("--unauthenticated", action="store_true", help="a plaintext client")
@@ -37,7 +39,7 @@ def _load(args: argparse.Namespace) -> tuple[compiled.PolicyDocument, workload.P
     from kubernetes.client import exceptions
 
     try:
-        config.load_kube_config(config_file=args.kubeconfig)
+        config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
     except (config.ConfigException, OSError) as exc:
         raise errors.ConfigError(f"can not load a kubeconfig: {exc}") from exc
     core = client.CoreV1Api()
@@ -56,7 +58,7 @@ def _load(args: argparse.Namespace) -> tuple[compiled.PolicyDocument, workload.P
     pod = None
     try:
         raw = core.read_namespaced_pod(args.pod, args.namespace)
-        pod = workload.Pod.from_api(client.ApiClient().sanitize_for_serialization(raw))
+        pod = workload.Pod.from_api(client.ApiClient().sanitize_for_serialization(raw))  # type: ignore[no-untyped-call]
     except exceptions.ApiException as exc:
         if exc.status != 404:
             raise errors.PolicyError(f"reading pod {args.pod}: {exc.reason}") from exc
@@ -95,15 +97,17 @@ def main(args: argparse.Namespace) -> int:
         client_info,
         request,
     )
-    who = (
-        args.identity and f"{args.identity} (mTLS)"
-        or ("TLS without identity" if args.tls else "plaintext client")
+    who = (args.identity and f"{args.identity} (mTLS)") or (
+        "TLS without identity" if args.tls else "plaintext client"
     )
     what = f" {request.method} {request.path}" if request else ""
-    print(f"{'ALLOW' if result.allowed else 'DENY'}{' (audit)' if result.audit else ''}  "
-          f"{args.namespace}/{args.pod}:{port}{what}  from {who} at {source_ip}")
+    print(
+        f"{'ALLOW' if result.allowed else 'DENY'}{' (audit)' if result.audit else ''}  "
+        f"{args.namespace}/{args.pod}:{port}{what}  from {who} at {source_ip}"
+    )
     server = (
-        f"Server {result.server_name}" if result.server_kind == "Server"
+        f"Server {result.server_name}"
+        if result.server_kind == "Server"
         else f"no Server; default policy {result.server_name}"
     )
     print(f"  server:  {server}")

@@ -15,7 +15,7 @@ async def connect() -> client.ApiClient:
     """An ApiClient for the current cluster; close it with ``await api.close()``."""
     configuration = client.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
         await config.load_kube_config(
             config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration

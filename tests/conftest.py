@@ -58,13 +58,16 @@ def custom(api: client.ApiClient) -> client.CustomObjectsApi:
 @pytest.fixture(scope="session")
 def crds(kubectl: kubetest.Kubectl) -> None:
     kubectl.run("apply", "-f", str(kubetest.ROOT / "crds"))
-    kubectl.run("wait", "--for=condition=established", "--timeout=30s", "-f",
-                str(kubetest.ROOT / "crds"))
+    kubectl.run(
+        "wait", "--for=condition=established", "--timeout=30s", "-f", str(kubetest.ROOT / "crds")
+    )
 
 
 @pytest.fixture(scope="session")
 def operator(
-    kubeconfig: pathlib.Path, crds: None, core: client.CoreV1Api,
+    kubeconfig: pathlib.Path,
+    crds: None,
+    core: client.CoreV1Api,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[kubetest.Operator]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
@@ -76,8 +79,11 @@ def operator(
         kubetest.wait_document(core, probe, what="the operator's first document", timeout=60)
         kubetest.wait_for(
             "the validating webhook configuration",
-            lambda: client.AdmissionregistrationV1Api(core.api_client)
-            .list_validating_webhook_configuration().items,
+            lambda: (
+                client.AdmissionregistrationV1Api(core.api_client)
+                .list_validating_webhook_configuration()
+                .items
+            ),
         )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\noperator log:\n{op.log_tail()}") from exc

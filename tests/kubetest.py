@@ -48,10 +48,15 @@ class Kubectl:
     def __init__(self, kubeconfig: pathlib.Path) -> None:
         self.kubeconfig = kubeconfig
 
-    def run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
-            input=input, capture_output=True, text=True, timeout=60,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
@@ -72,9 +77,11 @@ def read_document(core: client.CoreV1Api, namespace: str) -> compiled.PolicyDocu
 
 
 def wait_document(
-    core: client.CoreV1Api, namespace: str,
+    core: client.CoreV1Api,
+    namespace: str,
     check: Callable[[compiled.PolicyDocument], bool] = lambda d: True,
-    what: str = "the compiled policy", timeout: float = 20.0,
+    what: str = "the compiled policy",
+    timeout: float = 20.0,
 ) -> compiled.PolicyDocument:
     def probe() -> compiled.PolicyDocument | None:
         doc = read_document(core, namespace)
@@ -86,7 +93,9 @@ def wait_document(
 class Operator:
     """The operator as a user runs it: ``meshward operator``, in its own process."""
 
-    def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, kubeconfig: pathlib.Path, log: pathlib.Path, env: dict[str, str] | None = None
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
         self.webhook_port = free_port()
@@ -103,7 +112,11 @@ class Operator:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshward", "operator", "--verbose"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
         )
         out.close()
 

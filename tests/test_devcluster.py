@@ -18,7 +18,10 @@ pytestmark = pytest.mark.cluster
 def meshward(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "meshward", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -30,7 +33,9 @@ def test_up_status_down_beside_another(kubeconfig: pathlib.Path, tmp_path: pathl
     try:
         nodes = subprocess.run(
             ["kubectl", f"--kubeconfig={state / 'kubeconfig'}", "get", "namespace", "default"],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert nodes.returncode == 0, nodes.stderr
         status = meshward("dev", "status", "--dir", str(state))
@@ -59,8 +64,13 @@ def test_taken_port_is_one_line_naming_the_step(tmp_path: pathlib.Path) -> None:
 
 
 def test_missing_binaries_are_one_line_naming_the_step(tmp_path: pathlib.Path) -> None:
-    proc = meshward("dev", "up", "--dir", str(tmp_path / "x"),
-                    env={"KUBEBUILDER_ASSETS": str(tmp_path / "nothing-here")})
+    proc = meshward(
+        "dev",
+        "up",
+        "--dir",
+        str(tmp_path / "x"),
+        env={"KUBEBUILDER_ASSETS": str(tmp_path / "nothing-here")},
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -71,9 +81,13 @@ def test_missing_binaries_are_one_line_naming_the_step(tmp_path: pathlib.Path) -
 def test_failed_build_step_is_one_line_naming_the_step(tmp_path: pathlib.Path) -> None:
     # An empty cache and a mirror nobody serves: the very first build step fails.
     proc = meshward(
-        "dev", "build",
-        env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "MESHWARD_DEBIAN_MIRROR": "http://127.0.0.1:9",
-             "KUBEBUILDER_ASSETS": ""},
+        "dev",
+        "build",
+        env={
+            "XDG_CACHE_HOME": str(tmp_path / "cache"),
+            "MESHWARD_DEBIAN_MIRROR": "http://127.0.0.1:9",
+            "KUBEBUILDER_ASSETS": "",
+        },
     )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if "error" in line]

@@ -18,19 +18,37 @@ pytestmark = pytest.mark.cluster
 
 def explain(kubeconfig: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "meshward", "policy", "explain", "--kubeconfig", str(kubeconfig), *args],
-        capture_output=True, text=True, timeout=60, env=dict(os.environ),
+        [
+            sys.executable,
+            "-m",
+            "meshward",
+            "policy",
+            "explain",
+            "--kubeconfig",
+            str(kubeconfig),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
     )
 
 
 def test_explain_names_the_deciding_rule(
-    operator: kubetest.Operator, kubectl: kubetest.Kubectl, core: client.CoreV1Api,
-    kubeconfig: pathlib.Path, namespace: str,
+    operator: kubetest.Operator,
+    kubectl: kubetest.Kubectl,
+    core: client.CoreV1Api,
+    kubeconfig: pathlib.Path,
+    namespace: str,
 ) -> None:
     ns = namespace
-    kubetest.wait_for("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns))
+    kubetest.wait_for(
+        "the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns)
+    )
     kubectl.run("annotate", "namespace", ns, "config.meshward.io/default-inbound-policy=deny")
-    kubectl.apply(textwrap.dedent(f"""
+    kubectl.apply(
+        textwrap.dedent(f"""
         apiVersion: v1
         kind: Pod
         metadata: {{name: web-0, namespace: {ns}, labels: {{app: web}}}}
@@ -57,31 +75,78 @@ def test_explain_names_the_deciding_rule(
           client:
             meshTLS:
               identities: ["*.{ns}.serviceaccount.identity.meshward.cluster.local"]
-    """))
+    """)
+    )
     kubetest.wait_document(
-        core, ns, lambda d: "web-0" in d.pods and any(s.rules for s in d.servers) and d.default_policy == "deny"
+        core,
+        ns,
+        lambda d: (
+            "web-0" in d.pods and any(s.rules for s in d.servers) and d.default_policy == "deny"
+        ),
     )
 
-    own = explain(kubeconfig, "-n", ns, "--pod", "web-0", "--port", "http",
-                  "--identity", f"spiffe://cluster.local/ns/{ns}/sa/vote-bot")
+    own = explain(
+        kubeconfig,
+        "-n",
+        ns,
+        "--pod",
+        "web-0",
+        "--port",
+        "http",
+        "--identity",
+        f"spiffe://cluster.local/ns/{ns}/sa/vote-bot",
+    )
     assert own.returncode == 0, own.stdout + own.stderr
     assert own.stdout.startswith("ALLOW")
     assert "ServerAuthorization web-from-ns" in own.stdout
     assert "Server web-http" in own.stdout
 
-    outsider = explain(kubeconfig, "-n", ns, "--pod", "web-0", "--port", "8080",
-                       "--identity", "spiffe://cluster.local/ns/elsewhere/sa/default")
+    outsider = explain(
+        kubeconfig,
+        "-n",
+        ns,
+        "--pod",
+        "web-0",
+        "--port",
+        "8080",
+        "--identity",
+        "spiffe://cluster.local/ns/elsewhere/sa/default",
+    )
     assert outsider.returncode == 2, outsider.stdout + outsider.stderr
     assert outsider.stdout.startswith("DENY")
     assert "web-http" in outsider.stdout
 
-    probe = explain(kubeconfig, "-n", ns, "--pod", "web-0", "--port", "admin", "--unauthenticated",
-                    "--method", "GET", "--path", "/ready")
+    probe = explain(
+        kubeconfig,
+        "-n",
+        ns,
+        "--pod",
+        "web-0",
+        "--port",
+        "admin",
+        "--unauthenticated",
+        "--method",
+        "GET",
+        "--path",
+        "/ready",
+    )
     assert probe.returncode == 0, probe.stdout + probe.stderr
     assert "probe" in probe.stdout
 
-    other_path = explain(kubeconfig, "-n", ns, "--pod", "web-0", "--port", "admin", "--unauthenticated",
-                         "--method", "GET", "--path", "/admin")
+    other_path = explain(
+        kubeconfig,
+        "-n",
+        ns,
+        "--pod",
+        "web-0",
+        "--port",
+        "admin",
+        "--unauthenticated",
+        "--method",
+        "GET",
+        "--path",
+        "/admin",
+    )
     assert other_path.returncode == 2
     assert "default deny" in other_path.stdout or "deny" in other_path.stdout.splitlines()[1]
 

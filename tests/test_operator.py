@@ -41,7 +41,9 @@ def authorization(ns: str, name: str, server_name: str, identity: str) -> str:
     """)
 
 
-def conditions(custom: client.CustomObjectsApi, ns: str, plural: str, name: str) -> dict[str, dict[str, str]]:
+def conditions(
+    custom: client.CustomObjectsApi, ns: str, plural: str, name: str
+) -> dict[str, dict[str, str]]:
     obj = custom.get_namespaced_custom_object("policy.meshward.io", "v1alpha1", ns, plural, name)
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
 
@@ -50,7 +52,9 @@ def rules(doc: compiled.PolicyDocument, server_name: str) -> list[compiled.Rule]
     return [r for s in doc.servers if s.name == server_name for r in s.rules]
 
 
-def test_every_namespace_gets_a_document(operator: kubetest.Operator, core: client.CoreV1Api, namespace: str) -> None:
+def test_every_namespace_gets_a_document(
+    operator: kubetest.Operator, core: client.CoreV1Api, namespace: str
+) -> None:
     doc = kubetest.wait_document(core, namespace)
     assert doc.namespace == namespace
     assert doc.default_policy == "all-unauthenticated"
@@ -62,21 +66,39 @@ def test_updates_and_deletes_propagate(
     operator: kubetest.Operator, kubectl: kubetest.Kubectl, core: client.CoreV1Api, namespace: str
 ) -> None:
     ns = namespace
-    kubectl.apply(server(ns) + "---" + authorization(ns, "web-from-ns", "web-http", f"*.{ns}.serviceaccount.identity.meshward.{TD}"))
-    doc = kubetest.wait_document(core, ns, lambda d: bool(rules(d, "web-http")), "Server web-http with a rule")
+    kubectl.apply(
+        server(ns)
+        + "---"
+        + authorization(
+            ns, "web-from-ns", "web-http", f"*.{ns}.serviceaccount.identity.meshward.{TD}"
+        )
+    )
+    doc = kubetest.wait_document(
+        core, ns, lambda d: bool(rules(d, "web-http")), "Server web-http with a rule"
+    )
     (rule,) = rules(doc, "web-http")
     assert (rule.kind, rule.name) == ("ServerAuthorization", "web-from-ns")
     assert rule.identities == ((f"*.{ns}.serviceaccount.identity.meshward.{TD}",),)
 
-    kubectl.apply(authorization(ns, "web-from-ns", "web-http", f"vote-bot.{ns}.serviceaccount.identity.meshward.{TD}"))
+    kubectl.apply(
+        authorization(
+            ns, "web-from-ns", "web-http", f"vote-bot.{ns}.serviceaccount.identity.meshward.{TD}"
+        )
+    )
     doc = kubetest.wait_document(
-        core, ns, lambda d: any("vote-bot" in i for r in rules(d, "web-http") for g in r.identities for i in g),
+        core,
+        ns,
+        lambda d: any(
+            "vote-bot" in i for r in rules(d, "web-http") for g in r.identities for i in g
+        ),
         "the updated identity",
     )
     assert len(rules(doc, "web-http")) == 1
 
     kubectl.run("delete", "serverauthorization", "web-from-ns", "-n", ns)
-    doc = kubetest.wait_document(core, ns, lambda d: d.servers != () and not rules(d, "web-http"), "the rule removed")
+    doc = kubetest.wait_document(
+        core, ns, lambda d: d.servers != () and not rules(d, "web-http"), "the rule removed"
+    )
     assert [s.name for s in doc.servers] == ["web-http"]
 
     kubectl.run("delete", "server", "web-http", "-n", ns)
@@ -117,20 +139,35 @@ def test_invalid_resources_are_refused_with_the_reason(
 
 
 def test_status_says_what_is_wrong_and_recovers(
-    operator: kubetest.Operator, kubectl: kubetest.Kubectl, custom: client.CustomObjectsApi, namespace: str
+    operator: kubetest.Operator,
+    kubectl: kubetest.Kubectl,
+    custom: client.CustomObjectsApi,
+    namespace: str,
 ) -> None:
     ns = namespace
     kubectl.apply(authorization(ns, "orphan", "missing-server", "*"))
     cond = kubetest.wait_for(
         "ResolvedRefs=False on the orphan authorization",
-        lambda: (c := conditions(custom, ns, "serverauthorizations", "orphan")).get("ResolvedRefs", {}).get("status") == "False" and c,
+        lambda: (
+            (c := conditions(custom, ns, "serverauthorizations", "orphan"))
+            .get("ResolvedRefs", {})
+            .get("status")
+            == "False"
+            and c
+        ),
     )
     assert "missing-server" in cond["ResolvedRefs"]["message"]
 
     kubectl.apply(server(ns, name="missing-server"))
     cond = kubetest.wait_for(
         "ResolvedRefs=True once the Server exists",
-        lambda: (c := conditions(custom, ns, "serverauthorizations", "orphan")).get("ResolvedRefs", {}).get("status") == "True" and c,
+        lambda: (
+            (c := conditions(custom, ns, "serverauthorizations", "orphan"))
+            .get("ResolvedRefs", {})
+            .get("status")
+            == "True"
+            and c
+        ),
     )
     assert cond["Accepted"]["status"] == "True"
 
@@ -155,19 +192,36 @@ def _pod(ns: str, name: str, app: str, annotations: str = "{}") -> str:
 
 
 def _wait_default_service_account(core: client.CoreV1Api, ns: str) -> None:
-    kubetest.wait_for("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns))
+    kubetest.wait_for(
+        "the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns)
+    )
 
 
 def test_pods_named_ports_probes_and_annotations(
-    operator: kubetest.Operator, kubectl: kubetest.Kubectl, core: client.CoreV1Api,
-    custom: client.CustomObjectsApi, namespace: str,
+    operator: kubetest.Operator,
+    kubectl: kubetest.Kubectl,
+    core: client.CoreV1Api,
+    custom: client.CustomObjectsApi,
+    namespace: str,
 ) -> None:
     ns = namespace
     _wait_default_service_account(core, ns)
     kubectl.run("annotate", "namespace", ns, "config.meshward.io/default-inbound-policy=deny")
-    kubectl.apply(_pod(ns, "web-0", "web", '{"config.meshward.io/default-inbound-policy": "all-authenticated"}')
-                  + "---" + _pod(ns, "other-0", "other") + "---" + server(ns, port="http"))
-    doc = kubetest.wait_document(core, ns, lambda d: {"web-0", "other-0"} <= set(d.pods) and d.default_policy == "deny", "both pods")
+    kubectl.apply(
+        _pod(
+            ns, "web-0", "web", '{"config.meshward.io/default-inbound-policy": "all-authenticated"}'
+        )
+        + "---"
+        + _pod(ns, "other-0", "other")
+        + "---"
+        + server(ns, port="http")
+    )
+    doc = kubetest.wait_document(
+        core,
+        ns,
+        lambda d: {"web-0", "other-0"} <= set(d.pods) and d.default_policy == "deny",
+        "both pods",
+    )
     web = doc.pods["web-0"]
     assert web.ports == {"http": 8080, "admin": 9990}
     assert {(p.port, p.path) for p in web.probes} == {(9990, "/ready"), (9990, "/live")}
@@ -175,7 +229,13 @@ def test_pods_named_ports_probes_and_annotations(
     assert doc.pods["other-0"].default_policy is None
     cond = kubetest.wait_for(
         "Server web-http resolved",
-        lambda: (c := conditions(custom, ns, "servers", "web-http")).get("ResolvedRefs", {}).get("status") == "True" and c,
+        lambda: (
+            (c := conditions(custom, ns, "servers", "web-http"))
+            .get("ResolvedRefs", {})
+            .get("status")
+            == "True"
+            and c
+        ),
     )
     assert cond["Accepted"]["status"] == "True"
 
@@ -192,21 +252,34 @@ def test_an_edited_document_is_restored(
     core.patch_namespaced_config_map(
         compiled.CONFIGMAP_NAME, namespace, {"data": {compiled.CONFIGMAP_KEY: "{}"}}
     )
-    restored = kubetest.wait_document(core, namespace, lambda d: d.hash == original.hash, "the document restored")
+    restored = kubetest.wait_document(
+        core, namespace, lambda d: d.hash == original.hash, "the document restored"
+    )
     assert restored.servers == original.servers
     core.delete_namespaced_config_map(compiled.CONFIGMAP_NAME, namespace)
-    kubetest.wait_document(core, namespace, lambda d: d.hash == original.hash, "the document recreated")
+    kubetest.wait_document(
+        core, namespace, lambda d: d.hash == original.hash, "the document recreated"
+    )
 
 
 def test_restart_half_way_converges_to_the_same_document(
-    operator: kubetest.Operator, kubectl: kubetest.Kubectl, core: client.CoreV1Api,
-    custom: client.CustomObjectsApi, namespace: str,
+    operator: kubetest.Operator,
+    kubectl: kubetest.Kubectl,
+    core: client.CoreV1Api,
+    custom: client.CustomObjectsApi,
+    namespace: str,
 ) -> None:
     ns = namespace
     first = server(ns) + "---" + authorization(ns, "a", "web-http", "*")
-    second = server(ns, name="admin", port=9990) + "---" + authorization(ns, "b", "admin", f"ops.{ns}.serviceaccount.identity.meshward.{TD}")
+    second = (
+        server(ns, name="admin", port=9990)
+        + "---"
+        + authorization(ns, "b", "admin", f"ops.{ns}.serviceaccount.identity.meshward.{TD}")
+    )
     kubectl.apply(first + "---" + second)
-    reference = kubetest.wait_document(core, ns, lambda d: len(d.servers) == 2 and all(s.rules for s in d.servers))
+    reference = kubetest.wait_document(
+        core, ns, lambda d: len(d.servers) == 2 and all(s.rules for s in d.servers)
+    )
     kubectl.run("delete", "servers,serverauthorizations", "--all", "-n", ns)
     kubetest.wait_document(core, ns, lambda d: not d.servers, "policy emptied")
 
@@ -214,7 +287,9 @@ def test_restart_half_way_converges_to_the_same_document(
     try:
         kubectl.apply(first)
         operator.start()
-        kubetest.wait_document(core, ns, lambda d: len(d.servers) == 1, "the first half", timeout=60)
+        kubetest.wait_document(
+            core, ns, lambda d: len(d.servers) == 1, "the first half", timeout=60
+        )
         operator.stop(signal.SIGKILL)
         kubectl.apply(second)
         broken = textwrap.dedent(f"""
@@ -230,11 +305,19 @@ def test_restart_half_way_converges_to_the_same_document(
         kubectl.apply(broken)
     finally:
         operator.start()
-    doc = kubetest.wait_document(core, ns, lambda d: d.hash == reference.hash, "the same document as before", timeout=60)
+    doc = kubetest.wait_document(
+        core, ns, lambda d: d.hash == reference.hash, "the same document as before", timeout=60
+    )
     assert [s.name for s in doc.servers] == ["admin", "web-http"]
     cond = kubetest.wait_for(
         "the broken authorization reported",
-        lambda: (c := conditions(custom, ns, "serverauthorizations", "broken")).get("Accepted", {}).get("status") == "False" and c,
+        lambda: (
+            (c := conditions(custom, ns, "serverauthorizations", "broken"))
+            .get("Accepted", {})
+            .get("status")
+            == "False"
+            and c
+        ),
     )
     assert "exactly one of meshTLS or unauthenticated" in cond["Accepted"]["message"]
     assert operator.alive()

@@ -25,8 +25,13 @@ TD = "cluster.local"
 
 
 class Applied:
-    def __init__(self, kubectl: kubetest.Kubectl, core: client.CoreV1Api, sample: str,
-                 rename: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        kubectl: kubetest.Kubectl,
+        core: client.CoreV1Api,
+        sample: str,
+        rename: tuple[str, ...],
+    ) -> None:
         suffix = uuid.uuid4().hex[:5]
         self.names = {ns: f"{ns}-{suffix}" for ns in rename}
         text = (SAMPLES / sample).read_text()
@@ -42,13 +47,19 @@ class Applied:
             self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
 
     def delete(self) -> None:
-        self.kubectl.run("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=self.text, check=False)
+        self.kubectl.run(
+            "delete", "--ignore-not-found", "--wait=false", "-f", "-", input=self.text, check=False
+        )
         for name in self.names.values():
-            self.kubectl.run("delete", "namespace", name, "--ignore-not-found", "--wait=false", check=False)
+            self.kubectl.run(
+                "delete", "namespace", name, "--ignore-not-found", "--wait=false", check=False
+            )
 
 
 @pytest.fixture
-def apply_sample(kubectl: kubetest.Kubectl, core: client.CoreV1Api, operator: kubetest.Operator) -> Iterator:
+def apply_sample(
+    kubectl: kubetest.Kubectl, core: client.CoreV1Api, operator: kubetest.Operator
+) -> Iterator:
     applied: list[Applied] = []
 
     def apply(sample: str, rename: tuple[str, ...], create_namespaces: bool = False) -> Applied:
@@ -74,11 +85,14 @@ def jail_decisions(doc: compiled.PolicyDocument, ns: str) -> dict[str, bool]:
     for app in ("web-svc", "emoji-svc", "voting-svc"):
         dest = decision.Destination(port=8080, labels={"app": app})
         results[f"{app} from own namespace"] = decision.decide(
-            policy, dest, decision.Client(identity(f"{app}-caller", ns), "10.1.2.3", True)).allowed
+            policy, dest, decision.Client(identity(f"{app}-caller", ns), "10.1.2.3", True)
+        ).allowed
         results[f"{app} from outsider"] = decision.decide(
-            policy, dest, decision.Client(identity("default", "outsider"), "10.1.2.4", True)).allowed
+            policy, dest, decision.Client(identity("default", "outsider"), "10.1.2.4", True)
+        ).allowed
         results[f"{app} plaintext"] = decision.decide(
-            policy, dest, decision.Client(None, "10.1.2.5", False)).allowed
+            policy, dest, decision.Client(None, "10.1.2.5", False)
+        ).allowed
     return results
 
 
@@ -89,15 +103,21 @@ JAIL = {
 }
 
 
-@pytest.mark.parametrize("sample", [
-    "namespace-jail-server-authorization.yaml",
-    "namespace-jail-authorization-policy.yaml",
-])
+@pytest.mark.parametrize(
+    "sample",
+    [
+        "namespace-jail-server-authorization.yaml",
+        "namespace-jail-authorization-policy.yaml",
+    ],
+)
 def test_namespace_jail(apply_sample, core: client.CoreV1Api, sample: str) -> None:
     applied = apply_sample(sample, ("emojivoto",))
     ns = applied.ns("emojivoto")
     doc = kubetest.wait_document(
-        core, ns, lambda d: len(d.servers) == 3 and all(s.rules for s in d.servers), "three locked Servers"
+        core,
+        ns,
+        lambda d: len(d.servers) == 3 and all(s.rules for s in d.servers),
+        "three locked Servers",
     )
     assert {s.name for s in doc.servers} == {"web-http", "emoji-grpc", "voting-grpc"}
     for srv in doc.servers:
@@ -114,15 +134,21 @@ def test_peer_authentication_strict_with_exception(
     core_ns = [ns.metadata.name for ns in core.list_namespace().items]
     if "meshward" not in core_ns:
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="meshward")))
-    applied = apply_sample("peer-authentication-strict.yaml", ("emojivoto",), create_namespaces=True)
+    applied = apply_sample(
+        "peer-authentication-strict.yaml", ("emojivoto",), create_namespaces=True
+    )
     ns = applied.ns("emojivoto")
     doc = kubetest.wait_document(
-        core, ns,
+        core,
+        ns,
         lambda d: d.mesh_peer_authentication is not None and bool(d.peer_authentications),
         "the mesh-wide and workload PeerAuthentications",
     )
     assert doc.mesh_peer_authentication is not None
-    assert (doc.mesh_peer_authentication.name, doc.mesh_peer_authentication.mode) == ("default", "STRICT")
+    assert (doc.mesh_peer_authentication.name, doc.mesh_peer_authentication.mode) == (
+        "default",
+        "STRICT",
+    )
     policy = decision.Policy(doc)
     legacy, other = {"app": "legacy"}, {"app": "web-svc"}
     assert policy.mtls_mode(decision.Destination(port=8080, labels=other)) == "STRICT"
@@ -134,17 +160,24 @@ def test_peer_authentication_strict_with_exception(
     assert decision.decide(policy, decision.Destination(port=8080, labels=legacy), plain).allowed
 
     # Every other namespace sees the mesh-wide policy too; removing it lifts STRICT everywhere.
-    elsewhere = kubetest.wait_document(core, "default", lambda d: d.mesh_peer_authentication is not None)
+    elsewhere = kubetest.wait_document(
+        core, "default", lambda d: d.mesh_peer_authentication is not None
+    )
     assert elsewhere.mesh_peer_authentication is not None
     kubectl.run("delete", "peerauthentication", "default", "-n", "meshward")
-    kubetest.wait_document(core, "default", lambda d: d.mesh_peer_authentication is None, "STRICT lifted")
+    kubetest.wait_document(
+        core, "default", lambda d: d.mesh_peer_authentication is None, "STRICT lifted"
+    )
 
 
 def test_deny_with_probes(apply_sample, core: client.CoreV1Api, kubectl: kubetest.Kubectl) -> None:
     applied = apply_sample("deny-with-probes.yaml", ("payments",))
     ns = applied.ns("payments")
-    kubetest.wait_for("the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns))
-    kubectl.apply(textwrap.dedent(f"""
+    kubetest.wait_for(
+        "the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns)
+    )
+    kubectl.apply(
+        textwrap.dedent(f"""
         apiVersion: v1
         kind: Pod
         metadata: {{name: payments-api-0, namespace: {ns}, labels: {{app: payments-api}}}}
@@ -154,27 +187,40 @@ def test_deny_with_probes(apply_sample, core: client.CoreV1Api, kubectl: kubetes
             image: registry.invalid/payments:1
             ports: [{{name: http, containerPort: 8080}}, {{name: admin, containerPort: 9990}}]
             livenessProbe: {{httpGet: {{path: /live, port: admin}}}}
-    """))
+    """)
+    )
     doc = kubetest.wait_document(
-        core, ns, lambda d: "payments-api-0" in d.pods and any(s.rules for s in d.servers), "pod and Server"
+        core,
+        ns,
+        lambda d: "payments-api-0" in d.pods and any(s.rules for s in d.servers),
+        "pod and Server",
     )
     assert doc.default_policy == "deny"
     policy = decision.Policy(doc)
     api = decision.Destination(port=8080, pod="payments-api-0")
     admin = decision.Destination(port=9990, pod="payments-api-0")
     office = decision.decide(policy, api, decision.Client(None, "10.20.1.5", False))
-    assert office.allowed and (office.rule_kind, office.rule_name) == ("AuthorizationPolicy", "payments-api-from-office")
+    assert office.allowed and (office.rule_kind, office.rule_name) == (
+        "AuthorizationPolicy",
+        "payments-api-from-office",
+    )
     assert not decision.decide(policy, api, decision.Client(None, "10.20.99.5", False)).allowed
     assert not decision.decide(policy, api, decision.Client(None, "192.168.1.1", False)).allowed
-    probe = decision.decide(policy, admin, decision.Client(None, "10.0.0.1", False), decision.Request("GET", "/live"))
+    probe = decision.decide(
+        policy, admin, decision.Client(None, "10.0.0.1", False), decision.Request("GET", "/live")
+    )
     assert probe.allowed and probe.rule_kind == "probe"
-    assert not decision.decide(policy, admin, decision.Client(None, "10.0.0.1", False), decision.Request("GET", "/debug")).allowed
+    assert not decision.decide(
+        policy, admin, decision.Client(None, "10.0.0.1", False), decision.Request("GET", "/debug")
+    ).allowed
     assert not decision.decide(policy, admin, decision.Client(None, "10.20.1.5", False)).allowed
 
 
 def test_every_sample_is_exercised() -> None:
     exercised = {
-        "namespace-jail-server-authorization.yaml", "namespace-jail-authorization-policy.yaml",
-        "peer-authentication-strict.yaml", "deny-with-probes.yaml",
+        "namespace-jail-server-authorization.yaml",
+        "namespace-jail-authorization-policy.yaml",
+        "peer-authentication-strict.yaml",
+        "deny-with-probes.yaml",
     }
     assert {p.name for p in SAMPLES.glob("*.yaml")} == exercised

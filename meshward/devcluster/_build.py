@@ -120,8 +120,14 @@ def _mirror() -> str:
     )
 
 
-def _run(step: str, argv: Sequence[str], *, cwd: pathlib.Path | None = None,
-         env: dict[str, str] | None = None, log: pathlib.Path) -> None:
+def _run(
+    step: str,
+    argv: Sequence[str],
+    *,
+    cwd: pathlib.Path | None = None,
+    env: dict[str, str] | None = None,
+    log: pathlib.Path,
+) -> None:
     with log.open("ab") as out:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
         out.flush()
@@ -184,11 +190,18 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     progress(f"[2/{steps}] downloading Kubernetes {KUBERNETES_VERSION} source, Go 1.15 and etcd")
     downloads = work / "debs"
     downloads.mkdir()
-    _run("download kubernetes source",
-         ["apt-get", *apt_opts, "source", "--download-only", KUBERNETES_SOURCE],
-         cwd=downloads, log=log)
-    _run("download go and etcd",
-         ["apt-get", *apt_opts, "download", *GO_PACKAGES, ETCD_PACKAGE], cwd=downloads, log=log)
+    _run(
+        "download kubernetes source",
+        ["apt-get", *apt_opts, "source", "--download-only", KUBERNETES_SOURCE],
+        cwd=downloads,
+        log=log,
+    )
+    _run(
+        "download go and etcd",
+        ["apt-get", *apt_opts, "download", *GO_PACKAGES, ETCD_PACKAGE],
+        cwd=downloads,
+        log=log,
+    )
 
     progress(f"[3/{steps}] unpacking")
     tools = work / "tools"
@@ -196,7 +209,9 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
         _run(f"unpack {deb.name}", ["dpkg", "-x", str(deb), str(tools)], log=log)
     origs = sorted(downloads.glob("kubernetes_*.orig.tar.*"))
     if not origs:
-        raise errors.ControlPlaneError("unpack kubernetes source", f"no orig tarball in {downloads}")
+        raise errors.ControlPlaneError(
+            "unpack kubernetes source", f"no orig tarball in {downloads}"
+        )
     gopath = work / "gopath"
     tree = gopath / "src" / "k8s.io" / "kubernetes"
     tree.parent.mkdir(parents=True)
@@ -220,37 +235,82 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     go = str(goroot / "bin" / "go")
 
     progress(f"[4/{steps}] generating OpenAPI definitions")
-    _run("build openapi-gen", [go, "build", "-o", str(work / "openapi-gen"),
-                               "./vendor/k8s.io/kube-openapi/cmd/openapi-gen"],
-         cwd=tree, env=env, log=log)
+    _run(
+        "build openapi-gen",
+        [
+            go,
+            "build",
+            "-o",
+            str(work / "openapi-gen"),
+            "./vendor/k8s.io/kube-openapi/cmd/openapi-gen",
+        ],
+        cwd=tree,
+        env=env,
+        log=log,
+    )
     packages = _openapi_packages(tree)
-    _run("generate openapi", [
-        str(work / "openapi-gen"),
-        "--input-dirs", ",".join(packages),
-        "--output-base", str(gopath / "src"),
-        "--output-package", "k8s.io/kubernetes/pkg/generated/openapi",
-        "-O", "zz_generated.openapi",
-        "--go-header-file", str(tree / "hack" / "boilerplate" / "boilerplate.generatego.txt"),
-    ], cwd=tree, env=env, log=log)
+    _run(
+        "generate openapi",
+        [
+            str(work / "openapi-gen"),
+            "--input-dirs",
+            ",".join(packages),
+            "--output-base",
+            str(gopath / "src"),
+            "--output-package",
+            "k8s.io/kubernetes/pkg/generated/openapi",
+            "-O",
+            "zz_generated.openapi",
+            "--go-header-file",
+            str(tree / "hack" / "boilerplate" / "boilerplate.generatego.txt"),
+        ],
+        cwd=tree,
+        env=env,
+        log=log,
+    )
 
     v = "k8s.io/kubernetes/vendor/k8s.io/component-base/version"
-    ldflags = (f"-s -w -X {v}.gitVersion={KUBERNETES_VERSION} -X {v}.gitMajor=1 "
-               f"-X {v}.gitMinor=20")
+    ldflags = f"-s -w -X {v}.gitVersion={KUBERNETES_VERSION} -X {v}.gitMajor=1 -X {v}.gitMinor=20"
     out = work / "bin"
     progress(f"[5/{steps}] building kube-apiserver (about 2-3 minutes)")
-    _run("build kube-apiserver", [go, "build", "-ldflags", ldflags, "-o",
-                                  str(out / "kube-apiserver"), "./cmd/kube-apiserver"],
-         cwd=tree, env=env, log=log)
+    _run(
+        "build kube-apiserver",
+        [
+            go,
+            "build",
+            "-ldflags",
+            ldflags,
+            "-o",
+            str(out / "kube-apiserver"),
+            "./cmd/kube-apiserver",
+        ],
+        cwd=tree,
+        env=env,
+        log=log,
+    )
     progress(f"[6/{steps}] building kube-controller-manager (about 1 minute)")
-    _run("build kube-controller-manager", [go, "build", "-ldflags", ldflags, "-o",
-                                           str(out / "kube-controller-manager"),
-                                           "./cmd/kube-controller-manager"],
-         cwd=tree, env=env, log=log)
+    _run(
+        "build kube-controller-manager",
+        [
+            go,
+            "build",
+            "-ldflags",
+            ldflags,
+            "-o",
+            str(out / "kube-controller-manager"),
+            "./cmd/kube-controller-manager",
+        ],
+        cwd=tree,
+        env=env,
+        log=log,
+    )
 
     progress(f"[7/{steps}] installing into {dest}")
     etcd = tools / "usr" / "bin" / "etcd"
     if not etcd.is_file():
-        raise errors.ControlPlaneError("install etcd", f"etcd not found in the etcd-server package at {etcd}")
+        raise errors.ControlPlaneError(
+            "install etcd", f"etcd not found in the etcd-server package at {etcd}"
+        )
     shutil.copy2(etcd, out / "etcd")
     staging = dest.with_name(dest.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)

@@ -107,7 +107,10 @@ def _get(cluster: Cluster, path: str, timeout: float) -> int:
 def _spawn(argv: list[str], log: pathlib.Path) -> int:
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     return proc.pid
@@ -138,11 +141,16 @@ def _write_kubeconfig(cluster: Cluster) -> None:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "meshward-dev",
-                      "cluster": {"server": cluster.server, "certificate-authority-data": ca}}],
+        "clusters": [
+            {
+                "name": "meshward-dev",
+                "cluster": {"server": cluster.server, "certificate-authority-data": ca},
+            }
+        ],
         "users": [{"name": "admin", "user": {"token": cluster.token}}],
-        "contexts": [{"name": "meshward-dev",
-                      "context": {"cluster": "meshward-dev", "user": "admin"}}],
+        "contexts": [
+            {"name": "meshward-dev", "context": {"cluster": "meshward-dev", "user": "admin"}}
+        ],
         "current-context": "meshward-dev",
     }
     path = cluster.kubeconfig
@@ -180,13 +188,15 @@ def up(
     existing = load(directory)
     if existing is not None and any(existing.alive().values()):
         raise errors.ControlPlaneError(
-            "start", f"a control plane already runs in {directory}; use it, or run "
+            "start",
+            f"a control plane already runs in {directory}; use it, or run "
             f"'meshward dev down --dir {directory}' first",
         )
     binaries = _build.ensure(progress)
     if apiserver_port is not None and _port_taken(apiserver_port):
         raise errors.ControlPlaneError(
-            "start kube-apiserver", f"port {apiserver_port} on 127.0.0.1 is taken; pick another "
+            "start kube-apiserver",
+            f"port {apiserver_port} on 127.0.0.1 is taken; pick another "
             "with --port or leave it out to choose a free one",
         )
     shutil.rmtree(directory, ignore_errors=True)
@@ -199,22 +209,36 @@ def up(
     pids: dict[str, int] = {}
 
     def record() -> None:
-        state = {"server": cluster.server, "etcdPort": etcd_port, "apiserverPort": api_port,
-                 "pids": pids}
+        state = {
+            "server": cluster.server,
+            "etcdPort": etcd_port,
+            "apiserverPort": api_port,
+            "pids": pids,
+        }
         (directory / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     deadline = time.monotonic() + READY_TIMEOUT
     try:
         log = directory / "etcd.log"
-        pids["etcd"] = _spawn([
-            str(binaries.etcd), "--data-dir", str(directory / "etcd-data"),
-            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
-            "--unsafe-no-fsync",
-        ], log)
+        pids["etcd"] = _spawn(
+            [
+                str(binaries.etcd),
+                "--data-dir",
+                str(directory / "etcd-data"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-cluster",
+                f"default=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+            ],
+            log,
+        )
         record()
 
         def etcd_healthy() -> bool:
@@ -226,35 +250,51 @@ def up(
 
         log = directory / "kube-apiserver.log"
         d = directory
-        pids["kube-apiserver"] = _spawn([
-            str(binaries.apiserver),
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            f"--secure-port={api_port}", "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
-            f"--cert-dir={d}", f"--tls-cert-file={d / 'apiserver.crt'}",
-            f"--tls-private-key-file={d / 'apiserver.key'}", f"--client-ca-file={d / 'ca.crt'}",
-            "--authorization-mode=RBAC", f"--token-auth-file={d / 'tokens.csv'}",
-            f"--service-account-key-file={d / 'sa.pub'}",
-            f"--service-account-signing-key-file={d / 'sa.key'}",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
-            "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
-            "--feature-gates=BoundServiceAccountTokenVolume=true",
-        ], log)
+        pids["kube-apiserver"] = _spawn(
+            [
+                str(binaries.apiserver),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                f"--secure-port={api_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",
+                f"--cert-dir={d}",
+                f"--tls-cert-file={d / 'apiserver.crt'}",
+                f"--tls-private-key-file={d / 'apiserver.key'}",
+                f"--client-ca-file={d / 'ca.crt'}",
+                "--authorization-mode=RBAC",
+                f"--token-auth-file={d / 'tokens.csv'}",
+                f"--service-account-key-file={d / 'sa.pub'}",
+                f"--service-account-signing-key-file={d / 'sa.key'}",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--allow-privileged=true",
+                "--feature-gates=BoundServiceAccountTokenVolume=true",
+            ],
+            log,
+        )
         record()
         _wait("start kube-apiserver", cluster.ready, pids["kube-apiserver"], log, deadline)
         _write_kubeconfig(cluster)
 
         if controller_manager and binaries.controller_manager is not None:
             log = directory / "kube-controller-manager.log"
-            pids["kube-controller-manager"] = _spawn([
-                str(binaries.controller_manager), f"--kubeconfig={cluster.kubeconfig}",
-                "--leader-elect=false", f"--service-account-private-key-file={d / 'sa.key'}",
-                f"--root-ca-file={d / 'ca.crt'}",
-                "--controllers=*,-nodeipam,-nodelifecycle,-ttl,-bootstrapsigner,-tokencleaner",
-                "--bind-address=127.0.0.1", "--secure-port=0", "--port=0",
-                "--use-service-account-credentials=false",
-            ], log)
+            pids["kube-controller-manager"] = _spawn(
+                [
+                    str(binaries.controller_manager),
+                    f"--kubeconfig={cluster.kubeconfig}",
+                    "--leader-elect=false",
+                    f"--service-account-private-key-file={d / 'sa.key'}",
+                    f"--root-ca-file={d / 'ca.crt'}",
+                    "--controllers=*,-nodeipam,-nodelifecycle,-ttl,-bootstrapsigner,-tokencleaner",
+                    "--bind-address=127.0.0.1",
+                    "--secure-port=0",
+                    "--port=0",
+                    "--use-service-account-credentials=false",
+                ],
+                log,
+            )
             record()
     except BaseException:
         _stop(pids)

@@ -1,4 +1,4 @@
-"""The meshward operator: ``kopf run -m meshward.operator --all-namespaces`` or ``meshward operator``.
+"""The meshward operator: ``kopf run -m meshward.operator -A`` or ``meshward operator``.
 
 It compiles each namespace's policy resources, Pods and Namespace into one document, the
 ``meshward-policy`` ConfigMap, and validates policy resources at admission. Settings come from

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
-def write_self_signed(directory: pathlib.Path, host: str, days: int = 365) -> tuple[pathlib.Path, pathlib.Path]:
+def write_self_signed(
+    directory: pathlib.Path, host: str, days: int = 365
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Write ``tls.crt`` and ``tls.key`` for ``host`` (an IP or DNS name); return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -45,7 +47,9 @@ def write_self_signed(directory: pathlib.Path, host: str, days: int = 365) -> tu
     pkey.touch(mode=0o600)
     pkey.write_bytes(
         key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
     )
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

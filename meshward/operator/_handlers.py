@@ -25,11 +25,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     if config.webhook_port:
-        cert_dir = pathlib.Path(config.webhook_cert_dir or tempfile.mkdtemp(prefix="meshward-webhook-"))
+        cert_dir = pathlib.Path(
+            config.webhook_cert_dir or tempfile.mkdtemp(prefix="meshward-webhook-")
+        )
         certfile, pkeyfile = _certs.write_self_signed(cert_dir, config.webhook_host)
         settings.admission.server = kopf.WebhookServer(
-            addr=config.webhook_host, port=config.webhook_port, host=config.webhook_host,
-            certfile=str(certfile), pkeyfile=str(pkeyfile),
+            addr=config.webhook_host,
+            port=config.webhook_port,
+            host=config.webhook_host,
+            certfile=str(certfile),
+            pkeyfile=str(pkeyfile),
         )
         settings.admission.managed = config.webhook_name
     api = await kube.connect()
@@ -56,7 +61,7 @@ def _policy_event(kind: str) -> None:
     plural = resources.PLURALS[kind]
 
     @kopf.on.event(resources.GROUP, resources.VERSION, plural, id=f"rebuild-on-{plural}")
-    async def rebuild(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    async def rebuild(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
         reconciler: _reconcile.Reconciler = memo.reconciler
         if kind == "PeerAuthentication" and namespace == memo.config.policy.root_namespace:
             await reconciler.mark_all()
@@ -70,8 +75,12 @@ def _policy_event(kind: str) -> None:
     # failurePolicy Ignore: while the operator is down, resources still pass the CRD schema and
     # the operator reports anything invalid in status when it returns (and leaves it out of policy).
     @kopf.on.validate(
-        resources.GROUP, resources.VERSION, plural, id=f"validate-{plural}",
-        operations=["CREATE", "UPDATE"], ignore_failures=True,
+        resources.GROUP,
+        resources.VERSION,
+        plural,
+        id=f"validate-{plural}",
+        operations=["CREATE", "UPDATE"],
+        ignore_failures=True,
     )
     def validate(body: kopf.Body, **_: Any) -> None:
         raw = dict(body)
@@ -79,8 +88,9 @@ def _policy_event(kind: str) -> None:
         try:
             resources.parse(raw)
         except errors.InvalidResource as exc:
-            raise kopf.AdmissionError(f"{kind} {body.get('metadata', {}).get('name', '')}: {exc}",
-                                      code=422) from exc
+            raise kopf.AdmissionError(
+                f"{kind} {body.get('metadata', {}).get('name', '')}: {exc}", code=422
+            ) from exc
 
 
 for _kind in resources.KINDS:
@@ -88,7 +98,7 @@ for _kind in resources.KINDS:
 
 
 @kopf.on.event("", "v1", "pods", id="rebuild-on-pods")
-async def pods(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def pods(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.mark(namespace)
 
 
@@ -98,9 +108,13 @@ async def namespaces(name: str, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(
-    "", "v1", "configmaps", id="restore-policy-document",
-    field="metadata.name", value=compiled.CONFIGMAP_NAME,
+    "",
+    "v1",
+    "configmaps",
+    id="restore-policy-document",
+    field="metadata.name",
+    value=compiled.CONFIGMAP_NAME,
 )
-async def documents(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def documents(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Someone edited or deleted a compiled document: rebuild it (a no-op when it is ours)."""
     memo.reconciler.mark(namespace)

@@ -46,7 +46,7 @@ class Reconciler:
         self._tasks: set[asyncio.Task[None]] = set()
         self.reconciles = 0
 
-    def mark(self, namespace: str, delay: float = DEBOUNCE) -> None:
+    def mark(self, namespace: str | None, delay: float = DEBOUNCE) -> None:
         """Ask for ``namespace`` to be rebuilt soon."""
         if not namespace or namespace in self._settings.excluded_namespaces:
             return
@@ -83,7 +83,9 @@ class Reconciler:
                 backoff = min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
                 logger.warning(
                     "reconciling namespace %s failed (%s); retrying in %.1f s",
-                    namespace, kube.api_message(exc) or type(exc).__name__, backoff,
+                    namespace,
+                    kube.api_message(exc) or type(exc).__name__,
+                    backoff,
                 )
                 self.mark(namespace, delay=backoff)
             else:
@@ -119,7 +121,8 @@ class Reconciler:
             raw[kind] = await self._list(kind, namespace)
         root = self._settings.policy.root_namespace
         mesh_raw = (
-            raw["PeerAuthentication"] if namespace == root
+            raw["PeerAuthentication"]
+            if namespace == root
             else await self._list("PeerAuthentication", root)
         )
         parsed: dict[str, list[Any]] = {kind: [] for kind in resources.KINDS}
@@ -158,10 +161,18 @@ class Reconciler:
         conditions = dict(result.conditions)
         for key, message in invalid.items():
             conditions[key] = (
-                resources.Condition(type="Accepted", status="False", reason="Invalid",
-                                    message=f"{message}; fix the resource and apply it again"),
-                resources.Condition(type="ResolvedRefs", status="Unknown", reason="Invalid",
-                                    message="not resolved: the resource is invalid"),
+                resources.Condition(
+                    type="Accepted",
+                    status="False",
+                    reason="Invalid",
+                    message=f"{message}; fix the resource and apply it again",
+                ),
+                resources.Condition(
+                    type="ResolvedRefs",
+                    status="Unknown",
+                    reason="Invalid",
+                    message="not resolved: the resource is invalid",
+                ),
             )
         for kind, items in raw.items():
             for item in items:
@@ -174,13 +185,17 @@ class Reconciler:
         sealed_hash = document.sealed().hash
         body = client.V1ConfigMap(
             metadata=client.V1ObjectMeta(
-                name=compiled.CONFIGMAP_NAME, namespace=namespace, labels=dict(MANAGED_BY),
+                name=compiled.CONFIGMAP_NAME,
+                namespace=namespace,
+                labels=dict(MANAGED_BY),
                 annotations={HASH_ANNOTATION: sealed_hash},
             ),
             data={compiled.CONFIGMAP_KEY: text},
         )
         try:
-            current = await self._core.read_namespaced_config_map(compiled.CONFIGMAP_NAME, namespace)
+            current = await self._core.read_namespaced_config_map(
+                compiled.CONFIGMAP_NAME, namespace
+            )
         except client.exceptions.ApiException as exc:
             if exc.status != 404:
                 raise
@@ -196,7 +211,10 @@ class Reconciler:
         logger.info("namespace %s: policy %s written", namespace, sealed_hash[:19])
 
     async def _write_status(
-        self, namespace: str, kind: str, item: Mapping[str, Any],
+        self,
+        namespace: str,
+        kind: str,
+        item: Mapping[str, Any],
         wanted: Sequence[resources.Condition],
     ) -> None:
         meta = item["metadata"]
@@ -209,23 +227,30 @@ class Reconciler:
         for cond in wanted:
             old = previous.get(cond.type) or {}
             same_status = old.get("status") == cond.status
-            entry = cond.model_copy(update={
-                "observed_generation": generation,
-                "last_transition_time": old.get("lastTransitionTime") if same_status else now,
-            }).dump()
+            entry = cond.model_copy(
+                update={
+                    "observed_generation": generation,
+                    "last_transition_time": old.get("lastTransitionTime") if same_status else now,
+                }
+            ).dump()
             if entry.get("last_transition_time") is None and "lastTransitionTime" not in entry:
                 entry["lastTransitionTime"] = now
-            if any(old.get(k) != entry.get(k) for k in ("status", "reason", "message",
-                                                          "observedGeneration")):
+            if any(
+                old.get(k) != entry.get(k)
+                for k in ("status", "reason", "message", "observedGeneration")
+            ):
                 changed = True
             conditions.append(entry)
         if not changed:
             return
         try:
-            await self._custom.patch_namespaced_custom_object_status(
-                resources.GROUP, resources.VERSION, namespace, resources.PLURALS[kind],
-                meta["name"], {"status": {"observedGeneration": generation,
-                                          "conditions": conditions}},
+            await self._custom.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+                resources.GROUP,
+                resources.VERSION,
+                namespace,
+                resources.PLURALS[kind],
+                meta["name"],
+                {"status": {"observedGeneration": generation, "conditions": conditions}},
                 _content_type="application/merge-patch+json",
             )
         except client.exceptions.ApiException as exc:

@@ -33,7 +33,9 @@ class OperatorSettings:
     """0 turns the validating webhook off (the operator still validates and reports in status)."""
     webhook_cert_dir: str | None = None
     webhook_name: str = "validate.policy.meshward.io"
-    excluded_namespaces: frozenset[str] = frozenset({"kube-system", "kube-public", "kube-node-lease"})
+    excluded_namespaces: frozenset[str] = frozenset(
+        {"kube-system", "kube-public", "kube-node-lease"}
+    )
 
 
 def _bad(var: str, value: str, expected: str) -> errors.ConfigError:
@@ -104,12 +106,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[p.value for p in resources.DefaultPolicy],
         help=f"cluster-wide default [{ENV['default_policy']}]",
     )
-    parser.add_argument("--root-namespace", help=f"mesh-wide policy namespace [{ENV['root_namespace']}]")
-    parser.add_argument("--webhook-host", help=f"address the API server calls [{ENV['webhook_host']}]")
+    parser.add_argument(
+        "--root-namespace", help=f"mesh-wide policy namespace [{ENV['root_namespace']}]"
+    )
+    parser.add_argument(
+        "--webhook-host", help=f"address the API server calls [{ENV['webhook_host']}]"
+    )
     parser.add_argument("--webhook-port", help=f"0 turns it off [{ENV['webhook_port']}]")
     parser.add_argument("--webhook-cert-dir", help=f"[{ENV['webhook_cert_dir']}]")
     parser.add_argument(
-        "-n", "--namespace", action="append", default=[],
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
         help="watch only these namespaces (default: all)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")

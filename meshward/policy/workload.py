@@ -42,9 +42,9 @@ class Pod:
         ports: dict[str, int] = {}
         for c in containers:
             for p in c.get("ports") or []:
-                if p.get("name") and isinstance(p.get("containerPort"), int):
-                    if (p.get("protocol") or "TCP") == "TCP":
-                        ports.setdefault(p["name"], p["containerPort"])
+                named = p.get("name") and isinstance(p.get("containerPort"), int)
+                if named and (p.get("protocol") or "TCP") == "TCP":
+                    ports.setdefault(p["name"], p["containerPort"])
         probes: list[HTTPProbe] = []
         for c in containers:
             for key in ("livenessProbe", "readinessProbe", "startupProbe"):
