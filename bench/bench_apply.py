@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 
+import urllib3
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from kubernetes import client, config, watch
@@ -75,22 +77,27 @@ def one_run(api: client.ApiClient, applies: int) -> list[float]:
     stop = threading.Event()
 
     def watcher() -> None:
+        """Timestamp each document version; ends at the first event after ``stop`` is set."""
         w = watch.Watch()
-        for event in w.stream(
-            core.list_namespaced_config_map,
-            ns,
-            field_selector=f"metadata.name={compiled.CONFIGMAP_NAME}",
-            timeout_seconds=600,
-        ):
-            now = time.perf_counter()
-            text = (event["object"].data or {}).get(compiled.CONFIGMAP_KEY, "")
-            marker = text.split('"sa-', 1)[1].split(".", 1)[0] if '"sa-' in text else None
-            if marker is not None and marker.lstrip("-").isdigit():
-                with arrived:
-                    seen.setdefault(int(marker), now)
-                    arrived.notify_all()
-            if stop.is_set():
-                w.stop()
+        try:
+            for event in w.stream(
+                core.list_namespaced_config_map,
+                ns,
+                field_selector=f"metadata.name={compiled.CONFIGMAP_NAME}",
+                timeout_seconds=600,
+            ):
+                now = time.perf_counter()
+                text = (event["object"].data or {}).get(compiled.CONFIGMAP_KEY, "")
+                marker = text.split('"sa-', 1)[1].split(".", 1)[0] if '"sa-' in text else None
+                if marker is not None and marker.lstrip("-").isdigit():
+                    with arrived:
+                        seen.setdefault(int(marker), now)
+                        arrived.notify_all()
+                if stop.is_set():
+                    w.stop()
+        except urllib3.exceptions.ProtocolError:
+            if not stop.is_set():
+                raise
 
     thread = threading.Thread(target=watcher, daemon=True)
     thread.start()
@@ -112,7 +119,8 @@ def one_run(api: client.ApiClient, applies: int) -> list[float]:
                 raise SystemExit(f"change {i} never reached the ConfigMap")
         latencies.append(seen[i] - accepted)
     stop.set()
-    core.delete_namespace(ns)
+    core.delete_namespace(ns)  # deleting the ConfigMap is the watcher's last event
+    thread.join(timeout=30)
     return latencies
 
 
