@@ -2,8 +2,11 @@
 
     MeshwardError
     ├── ControlPlaneError      the local control plane could not be provisioned or run
-    ├── PolicyError            a policy resource is invalid or does not resolve
-    │   └── InvalidResource    a resource fails validation (what, and how to fix it)
+    ├── ClusterUnreachable     the Kubernetes API server did not answer
+    ├── PolicyError            policy is invalid, missing or unreadable
+    │   ├── InvalidResource    a resource fails validation (what, and how to fix it)
+    │   ├── PolicyNotFound     a namespace has no compiled policy document
+    │   └── PodNotFound        a pod named in a question does not exist
     └── ConfigError            a setting is missing or malformed
 
 Messages are written for the person who has to act on them: what is wrong, then what to do.
@@ -34,6 +37,18 @@ class PolicyError(MeshwardError):
 
 class InvalidResource(PolicyError):
     """A resource fails validation; the message names the field and the fix."""
+
+
+class PolicyNotFound(PolicyError):
+    """A namespace has no compiled policy document (no operator, or no such namespace)."""
+
+
+class PodNotFound(PolicyError):
+    """A pod named in a question does not exist."""
+
+
+class ClusterUnreachable(MeshwardError):
+    """The Kubernetes API server did not answer; the message says which address failed."""
 
 
 class ConfigError(MeshwardError):

@@ -22,12 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", required=True, help="destination port: number or container port name"
     )
-    who = parser.add_mutually_exclusive_group(required=True)
+    who = parser.add_mutually_exclusive_group()
     who.add_argument("--identity", help="client mesh identity (SPIFFE ID or identity name)")
-    who.add_argument("--unauthenticated", action="store_true", help="a plaintext client")
+    who.add_argument(
+        "--unauthenticated", action="store_true", help="a plaintext client (the default)"
+    )
     who.add_argument("--tls", action="store_true", help="a TLS client without a mesh identity")
     parser.add_argument(
-        "--source-ip", help="client address (default: the first address of the cluster networks)"
+        "--source-ip",
+        help="client address (default: the first address of the cluster networks, else 127.0.0.1)",
     )
     parser.add_argument("--method", help="HTTP method, for a request on an HTTP port")
     parser.add_argument("--path", help="HTTP path, for a request on an HTTP port")
@@ -35,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[compiled.PolicyDocument, workload.Pod | None]:
+    import urllib3
     from kubernetes import client, config
     from kubernetes.client import exceptions
 
@@ -42,26 +46,34 @@ def _load(args: argparse.Namespace) -> tuple[compiled.PolicyDocument, workload.P
         config.load_kube_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
     except (config.ConfigException, OSError) as exc:
         raise errors.ConfigError(f"can not load a kubeconfig: {exc}") from exc
-    core = client.CoreV1Api()
+    api = client.ApiClient()
+    core = client.CoreV1Api(api)
     try:
-        cm = core.read_namespaced_config_map(compiled.CONFIGMAP_NAME, args.namespace)
-    except exceptions.ApiException as exc:
-        if exc.status == 404:
-            raise errors.PolicyError(
-                f"namespace {args.namespace} has no {compiled.CONFIGMAP_NAME} ConfigMap: "
-                "is the operator running, and does the namespace exist?"
-            ) from exc
-        raise errors.PolicyError(f"reading {compiled.CONFIGMAP_NAME}: {exc.reason}") from exc
-    except OSError as exc:
-        raise errors.PolicyError(f"can not reach the API server: {exc}") from exc
-    document = compiled.PolicyDocument.from_json((cm.data or {}).get(compiled.CONFIGMAP_KEY, ""))
-    pod = None
-    try:
-        raw = core.read_namespaced_pod(args.pod, args.namespace)
-        pod = workload.Pod.from_api(client.ApiClient().sanitize_for_serialization(raw))  # type: ignore[no-untyped-call]
-    except exceptions.ApiException as exc:
-        if exc.status != 404:
-            raise errors.PolicyError(f"reading pod {args.pod}: {exc.reason}") from exc
+        try:
+            cm = core.read_namespaced_config_map(compiled.CONFIGMAP_NAME, args.namespace)
+        except exceptions.ApiException as exc:
+            if exc.status == 404:
+                raise errors.PolicyNotFound(
+                    f"namespace {args.namespace} has no {compiled.CONFIGMAP_NAME} ConfigMap: "
+                    "is the operator running, and does the namespace exist?"
+                ) from exc
+            raise errors.PolicyError(f"reading {compiled.CONFIGMAP_NAME}: {exc.reason}") from exc
+        text = (cm.data or {}).get(compiled.CONFIGMAP_KEY, "")
+        document = compiled.PolicyDocument.from_json(text)
+        pod = None
+        try:
+            raw = core.read_namespaced_pod(args.pod, args.namespace)
+        except exceptions.ApiException as exc:
+            if exc.status != 404:
+                raise errors.PolicyError(f"reading pod {args.pod}: {exc.reason}") from exc
+        else:
+            body = api.sanitize_for_serialization(raw)  # type: ignore[no-untyped-call]
+            pod = workload.Pod.from_api(body)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        host = api.configuration.host
+        raise errors.ClusterUnreachable(f"can not reach the API server at {host}: {exc}") from exc
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
     return document, pod
 
 
@@ -69,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     document, pod = _load(args)
     known = document.pods.get(args.pod)
     if pod is None and known is None:
-        raise errors.PolicyError(f"pod {args.namespace}/{args.pod} not found")
+        raise errors.PodNotFound(f"pod {args.namespace}/{args.pod} not found")
     labels = dict(pod.labels if pod is not None else known.labels if known else {})
     ports = dict(pod.ports if pod is not None else known.ports if known else {})
     if args.port.isdigit():
@@ -82,9 +94,10 @@ def main(args: argparse.Namespace) -> int:
             f"(named ports: {', '.join(sorted(ports)) or 'none'})"
         )
     source_ip = args.source_ip
-    if source_ip is None:
+    if source_ip is None and document.cluster_networks:
         first = ipaddress.ip_network(document.cluster_networks[0], strict=False)
-        source_ip = str(next(first.hosts()))
+        source_ip = str(next(first.hosts(), first.network_address))
+    source_ip = source_ip or "127.0.0.1"
     request = None
     if args.method or args.path:
         request = decision.Request(method=(args.method or "GET").upper(), path=args.path or "/")

@@ -23,11 +23,6 @@ async def connect() -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
-def is_status(exc: BaseException, *codes: int) -> bool:
-    """Whether ``exc`` is an API error with one of these HTTP status codes."""
-    return isinstance(exc, exceptions.ApiException) and exc.status in codes
-
-
 def to_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
     """A generated model object as the plain camelCase dict the API server sent."""
     result: dict[str, Any] = api.sanitize_for_serialization(obj)

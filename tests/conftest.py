@@ -72,25 +72,23 @@ def operator(
 ) -> Iterator[kubetest.Operator]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = kubetest.Operator(kubeconfig, log)
+    admission = client.AdmissionregistrationV1Api(core.api_client)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=op.root_namespace)))
     op.start()
-    probe = f"t-operator-ready-{uuid.uuid4().hex[:6]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=probe)))
     try:
-        kubetest.wait_document(core, probe, what="the operator's first document", timeout=60)
+        kubetest.wait_document(
+            core, op.root_namespace, what="the operator's first document", timeout=60
+        )
         kubetest.wait_for(
-            "the validating webhook configuration",
-            lambda: (
-                client.AdmissionregistrationV1Api(core.api_client)
-                .list_validating_webhook_configuration()
-                .items
-            ),
+            f"the validating webhook configuration {op.webhook_name}",
+            lambda: admission.read_validating_webhook_configuration(op.webhook_name),
         )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\noperator log:\n{op.log_tail()}") from exc
-    finally:
-        core.delete_namespace(probe)
     yield op
     op.stop()
+    admission.delete_validating_webhook_configuration(op.webhook_name)
+    core.delete_namespace(op.root_namespace)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -91,27 +92,42 @@ def wait_document(
 
 
 class Operator:
-    """The operator as a user runs it: ``meshward operator``, in its own process."""
+    """The operator as a user runs it, in its own process.
+
+    Each instance has its own root namespace and webhook configuration name, so a test run on a
+    shared cluster (``MESHWARD_TEST_KUBECONFIG``) changes nothing mesh-wide outside itself.
+    ``MESHWARD_WEBHOOK_HOST`` from the environment is passed on: against a remote cluster, set it
+    to an address of this machine that the API server can reach.
+    """
 
     def __init__(
         self, kubeconfig: pathlib.Path, log: pathlib.Path, env: dict[str, str] | None = None
     ) -> None:
+        run = uuid.uuid4().hex[:6]
         self.kubeconfig = kubeconfig
         self.log = log
         self.webhook_port = free_port()
+        self.root_namespace = f"t-root-{run}"
+        self.webhook_name = f"validate-{run}.policy.meshward.io"
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        env = {
+    def env(self) -> dict[str, str]:
+        return {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
             "MESHWARD_WEBHOOK_PORT": str(self.webhook_port),
+            "MESHWARD_WEBHOOK_NAME": self.webhook_name,
+            "MESHWARD_ROOT_NAMESPACE": self.root_namespace,
             **self.extra_env,
         }
+
+    def start(self, argv: tuple[str, ...] = ("-m", "meshward", "operator", "--verbose")) -> None:
+        """Start ``python <argv>``: by default ``meshward operator``."""
+        env = self.env()
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshward", "operator", "--verbose"],
+            [sys.executable, *argv],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

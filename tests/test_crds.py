@@ -728,6 +728,13 @@ REFUSED_BY_BOTH = {
         ),
         "spec.targetRef.kind",
     ),
+    "no authentication refs (would allow everyone)": (
+        _doc(
+            "AuthorizationPolicy",
+            {"targetRef": {"kind": "Namespace", "name": "x"}, "requiredAuthenticationRefs": []},
+        ),
+        "spec.requiredAuthenticationRefs",
+    ),
     "no networks": (_doc("NetworkAuthentication", {"networks": []}), "spec.networks"),
     "no client": (_doc("ServerAuthorization", {"server": {"name": "web"}}), "spec.client"),
 }

@@ -107,3 +107,16 @@ def test_kubebuilder_assets_are_used(tmp_path: pathlib.Path) -> None:
     proc = meshward("dev", "build", env={"KUBEBUILDER_ASSETS": str(assets)})
     assert proc.returncode == 0, proc.stderr
     assert str(assets / "kube-apiserver") in proc.stdout
+
+
+def test_a_directory_that_is_not_ours_is_never_deleted(tmp_path: pathlib.Path) -> None:
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    up = meshward("dev", "up", "--dir", str(precious))
+    assert up.returncode == 1
+    assert "is not a meshward control plane directory" in up.stderr
+    down = meshward("dev", "down", "--dir", str(precious))
+    assert down.returncode == 0
+    assert "no control plane" in down.stdout
+    assert (precious / "notes.txt").read_text() == "keep me"

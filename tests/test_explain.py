@@ -13,8 +13,6 @@ from kubernetes import client
 
 from tests import kubetest
 
-pytestmark = pytest.mark.cluster
-
 
 def explain(kubeconfig: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -35,6 +33,7 @@ def explain(kubeconfig: pathlib.Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.cluster
 def test_explain_names_the_deciding_rule(
     operator: kubetest.Operator,
     kubectl: kubetest.Kubectl,
@@ -153,3 +152,17 @@ def test_explain_names_the_deciding_rule(
     missing = explain(kubeconfig, "-n", ns, "--pod", "nope", "--port", "80", "--unauthenticated")
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [f"meshward: error: pod {ns}/nope not found"]
+
+
+def test_an_unreachable_api_server_is_one_line(tmp_path: pathlib.Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: c, cluster: {server: 'https://127.0.0.1:9'}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u}}]\n"
+    )
+    proc = explain(kubeconfig, "-n", "default", "--pod", "web-0", "--port", "80")
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("meshward: error: can not reach the API server at https://127.0.0.1:9")

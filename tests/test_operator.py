@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import textwrap
+import time
 
 import pytest
 from kubernetes import client
@@ -287,6 +288,9 @@ def test_restart_half_way_converges_to_the_same_document(
     try:
         kubectl.apply(first)
         operator.start()
+        time.sleep(1.5)  # killed while starting up: listing, compiling or writing
+        operator.stop(signal.SIGKILL)
+        operator.start()
         kubetest.wait_document(
             core, ns, lambda d: len(d.servers) == 1, "the first half", timeout=60
         )
@@ -321,3 +325,22 @@ def test_restart_half_way_converges_to_the_same_document(
     )
     assert "exactly one of meshTLS or unauthenticated" in cond["Accepted"]["message"]
     assert operator.alive()
+
+
+def test_kopf_run_entry_point(
+    operator: kubetest.Operator, kubectl: kubetest.Kubectl, core: client.CoreV1Api, namespace: str
+) -> None:
+    """``kopf run -m meshward.operator --all-namespaces`` is the same operator."""
+    operator.stop()
+    try:
+        operator.start(("-m", "kopf", "run", "-m", "meshward.operator", "--all-namespaces"))
+        kubectl.apply(server(namespace))
+        doc = kubetest.wait_document(
+            core, namespace, lambda d: bool(d.servers), "a document from kopf run", timeout=60
+        )
+        assert [s.name for s in doc.servers] == ["web-http"]
+        refused = kubectl.apply(server(namespace, name="zero", port=0), check=False)
+        assert refused.returncode != 0
+    finally:
+        operator.stop()
+        operator.start()

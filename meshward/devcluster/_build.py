@@ -12,7 +12,9 @@ with Go >= 1.18.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import pathlib
 import re
@@ -20,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from meshward import errors
 
@@ -76,10 +78,29 @@ def ensure(progress: Progress | None = None) -> Binaries:
     found = locate()
     if found is not None:
         return found
-    build(cache_dir(), progress or _stderr_progress)
-    built = _from_dir(cache_dir())
-    assert built is not None
+    dest = cache_dir()
+    with _step("lock the build cache"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock = (dest.parent / ".build.lock").open("w")
+    with lock:
+        # One build at a time per cache; whoever waited finds the other's result.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        built = _from_dir(dest)
+        if built is None:
+            build(dest, progress or _stderr_progress)
+            built = _from_dir(dest)
+    if built is None:
+        raise errors.ControlPlaneError("install", f"the build finished but {dest} lacks binaries")
     return built
+
+
+@contextlib.contextmanager
+def _step(step: str) -> Iterator[None]:
+    """Turn a file-system failure inside ``step`` into a one-line ControlPlaneError."""
+    try:
+        yield
+    except (OSError, tarfile.TarError) as exc:
+        raise errors.ControlPlaneError(step, str(exc)) from exc
 
 
 def _stderr_progress(message: str) -> None:
@@ -159,8 +180,9 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     raises ControlPlaneError naming the step, and leaves no half-filled ``dest``.
     """
     work = dest.parent / f"build-{KUBERNETES_VERSION}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    with _step("prepare build directory"):
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     log = work / "build.log"
     steps = 7
 
@@ -214,12 +236,17 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
         )
     gopath = work / "gopath"
     tree = gopath / "src" / "k8s.io" / "kubernetes"
-    tree.parent.mkdir(parents=True)
     unpack = work / "unpack"
-    with tarfile.open(origs[0]) as tar:
-        tar.extractall(unpack, filter="tar")
-    (top,) = list(unpack.iterdir())
-    top.rename(tree)
+    with _step("unpack kubernetes source"):
+        tree.parent.mkdir(parents=True)
+        with tarfile.open(origs[0]) as tar:
+            tar.extractall(unpack, filter="tar")
+        tops = list(unpack.iterdir())
+        if len(tops) != 1:
+            raise errors.ControlPlaneError(
+                "unpack kubernetes source", f"expected one top directory in {origs[0].name}"
+            )
+        tops[0].rename(tree)
 
     goroot = tools / "usr" / "lib" / "go-1.15"
     env = {
@@ -311,13 +338,14 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
         raise errors.ControlPlaneError(
             "install etcd", f"etcd not found in the etcd-server package at {etcd}"
         )
-    shutil.copy2(etcd, out / "etcd")
-    staging = dest.with_name(dest.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(out, staging)
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
-    shutil.rmtree(work, ignore_errors=True)
+    with _step("install binaries"):
+        shutil.copy2(etcd, out / "etcd")
+        staging = dest.with_name(dest.name + ".new")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(out, staging)
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+        shutil.rmtree(work, ignore_errors=True)
     progress(f"control plane binaries ready in {dest}")
 
 

@@ -21,11 +21,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from meshward import errors
 from meshward.devcluster import _build, _pki
 
 READY_TIMEOUT = 60.0
+MARKER = ".meshward-dev"
+"""Written first into every state directory: only a directory carrying it is ever deleted."""
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 
@@ -48,7 +51,7 @@ class Cluster:
         return (self.directory / "tokens.csv").read_text().split(",", 1)[0]
 
     def alive(self) -> dict[str, bool]:
-        return {name: _alive(pid) for name, pid in self.pids.items()}
+        return {name: _alive(pid) and _ours(name, pid) for name, pid in self.pids.items()}
 
     def ready(self, timeout: float = 2.0) -> bool:
         try:
@@ -124,8 +127,10 @@ def _log_tail(log: pathlib.Path) -> str:
     return lines[-1].strip()[:300] if lines else "(no output)"
 
 
-def _wait(step: str, check: object, pid: int, log: pathlib.Path, deadline: float) -> None:
-    assert callable(check)
+def _wait(
+    step: str, check: Callable[[], bool], pid: int, log: pathlib.Path, deadline: float
+) -> None:
+    """Poll ``check`` until true; fail naming ``step`` if the process dies or time runs out."""
     while time.monotonic() < deadline:
         if not _alive(pid):
             raise errors.ControlPlaneError(step, f"exited early: {_log_tail(log)} (log: {log})")
@@ -199,8 +204,7 @@ def up(
             f"port {apiserver_port} on 127.0.0.1 is taken; pick another "
             "with --port or leave it out to choose a free one",
         )
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, mode=0o700)
+    _claim(directory)
     (directory / "etcd-data").mkdir(mode=0o700)
     _pki.generate(directory)
     etcd_port, peer_port = _free_port(), _free_port()
@@ -302,7 +306,17 @@ def up(
     return dataclasses.replace(cluster, pids=dict(pids))
 
 
-def _stop(pids: dict[str, int], timeout: float = 10.0) -> None:
+def _ours(name: str, pid: int) -> bool:
+    """Whether ``pid`` still runs the binary it was recorded for (pids are reused)."""
+    try:
+        argv0 = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return pathlib.Path(argv0.decode(errors="replace")).name == name
+
+
+def _stop(recorded: dict[str, int], timeout: float = 10.0) -> None:
+    pids = {name: pid for name, pid in recorded.items() if _ours(name, pid)}
     for pid in reversed(list(pids.values())):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
@@ -313,18 +327,34 @@ def _stop(pids: dict[str, int], timeout: float = 10.0) -> None:
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+    for pid in recorded.values():  # reap our own children, zombies included
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, os.WNOHANG)
 
 
+def _claim(directory: pathlib.Path) -> None:
+    """Make ``directory`` an empty state directory of ours; refuse one holding anything else."""
+    if directory.exists():
+        if not (directory / MARKER).exists() and any(directory.iterdir()):
+            raise errors.ControlPlaneError(
+                "start",
+                f"{directory} is not empty and is not a meshward control plane directory; "
+                "choose a new or empty directory with --dir",
+            )
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, mode=0o700)
+    (directory / MARKER).touch()
+
+
 def down(directory: pathlib.Path) -> bool:
-    """Stop the control plane in ``directory`` and remove its state; False if there was none."""
-    cluster = load(directory)
-    if cluster is None:
-        if directory.exists() and (directory / "kubeconfig").exists():
-            shutil.rmtree(directory, ignore_errors=True)
-            return True
+    """Stop the control plane in ``directory`` and remove its state; False if there was none.
+
+    Only a directory that ``up`` made (it carries the marker file) is removed.
+    """
+    if not (directory / MARKER).exists():
         return False
-    _stop(cluster.pids)
+    cluster = load(directory)
+    if cluster is not None:
+        _stop(cluster.pids)
     shutil.rmtree(directory, ignore_errors=True)
     return True

@@ -41,6 +41,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.api = api
     memo.config = config
     memo.reconciler = _reconcile.Reconciler(api, config)
+    memo.reconciler.start()
 
 
 @kopf.on.cleanup()
@@ -64,7 +65,7 @@ def _policy_event(kind: str) -> None:
     async def rebuild(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
         reconciler: _reconcile.Reconciler = memo.reconciler
         if kind == "PeerAuthentication" and namespace == memo.config.policy.root_namespace:
-            await reconciler.mark_all()
+            reconciler.mark_all()
         else:
             reconciler.mark(namespace)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -30,11 +30,45 @@ logger = logging.getLogger(__name__)
 
 DEBOUNCE = 0.02
 MAX_BACKOFF = 30.0
+RESYNC_INTERVAL = 300.0
+"""Every namespace is rebuilt this often anyway: a safety net for events lost in transit."""
+MAX_DOCUMENT_BYTES = 1_000_000
+"""A ConfigMap holds at most 1 MiB, metadata included."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "meshward-operator"}
 HASH_ANNOTATION = "policy.meshward.io/hash"
 
 
+def fit(document: compiled.PolicyDocument, namespace: str) -> tuple[compiled.PolicyDocument, str]:
+    """The document and its JSON, shrunk to fail closed if it would not fit in a ConfigMap.
+
+    Keeping the previous document instead would keep allows that were since removed, so an
+    oversized namespace gets deny-by-default without per-pod entries (Servers still apply), and
+    an error in the log says why.
+    """
+    text = document.to_json()
+    if len(text) <= MAX_DOCUMENT_BYTES:
+        return document, text
+    logger.error(
+        "namespace %s: compiled policy is %d bytes (%d pods), over the %d-byte ConfigMap limit; "
+        "writing a deny-by-default document without per-pod entries instead",
+        namespace,
+        len(text),
+        len(document.pods),
+        MAX_DOCUMENT_BYTES,
+    )
+    closed = document.model_copy(
+        update={"pods": {}, "default_policy": resources.DefaultPolicy.DENY}
+    )
+    return closed, closed.to_json()
+
+
 class Reconciler:
+    """Rebuilds namespaces on request: coalesced, serialised per namespace, retried on failure.
+
+    Create it inside the operator's event loop; ``start()`` begins the periodic resync and
+    ``close()`` cancels every task it started.
+    """
+
     def __init__(self, api: client.ApiClient, settings: _settings.OperatorSettings) -> None:
         self._api = api
         self._core = client.CoreV1Api(api)
@@ -44,7 +78,7 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
         self._failures: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.reconciles = 0
+        self._all_requested = False
 
     def mark(self, namespace: str | None, delay: float = DEBOUNCE) -> None:
         """Ask for ``namespace`` to be rebuilt soon."""
@@ -53,15 +87,49 @@ class Reconciler:
         if namespace in self._pending:
             return
         self._pending.add(namespace)
-        task = asyncio.get_running_loop().create_task(self._run(namespace, delay))
+        self._spawn(self._run(namespace, delay))
+
+    def mark_all(self) -> None:
+        """Ask for every namespace to be rebuilt (a mesh-wide setting changed); never lost:
+        listing the namespaces is retried with backoff until it succeeds."""
+        if self._all_requested:
+            return
+        self._all_requested = True
+        self._spawn(self._mark_all())
+
+    def start(self, interval: float = RESYNC_INTERVAL) -> None:
+        """Begin rebuilding every namespace each ``interval`` seconds."""
+        self._spawn(self._resync(interval))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def mark_all(self) -> None:
-        """Rebuild every namespace (a mesh-wide setting changed)."""
-        listing = await self._core.list_namespace()
-        for ns in listing.items:
-            self.mark(ns.metadata.name)
+    async def _mark_all(self) -> None:
+        failures = 0
+        while True:
+            try:
+                listing = await self._core.list_namespace()
+            except Exception as exc:  # noqa: BLE001 - retried until the API answers
+                failures += 1
+                backoff = min(MAX_BACKOFF, 0.5 * 2 ** (failures - 1))
+                logger.warning(
+                    "listing namespaces failed (%s); retrying in %.1f s",
+                    kube.api_message(exc) or type(exc).__name__,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                continue
+            self._all_requested = False
+            for ns in listing.items:
+                self.mark(ns.metadata.name)
+            return
+
+    async def _resync(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.mark_all()
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -102,7 +170,6 @@ class Reconciler:
 
     async def reconcile(self, namespace: str) -> None:
         """Read, compile and write one namespace."""
-        self.reconciles += 1
         try:
             ns = await self._core.read_namespace(namespace)
         except client.exceptions.ApiException as exc:
@@ -133,14 +200,14 @@ class Reconciler:
                     parsed[kind].append(resources.parse(item))
                 except errors.InvalidResource as exc:
                     invalid[(kind, item["metadata"]["name"])] = str(exc)
+        # Every valid one: compile alone decides which of them are mesh-wide.
         mesh: list[resources.PeerAuthentication] = []
         for item in mesh_raw:
             try:
                 pa = resources.parse(item)
             except errors.InvalidResource:
                 continue
-            assert isinstance(pa, resources.PeerAuthentication)
-            if pa.spec.selector is None:
+            if isinstance(pa, resources.PeerAuthentication):
                 mesh.append(pa)
         state = policy_compile.NamespaceState(
             namespace=namespace,
@@ -181,7 +248,7 @@ class Reconciler:
                     await self._write_status(namespace, kind, item, wanted)
 
     async def _write_document(self, namespace: str, document: compiled.PolicyDocument) -> None:
-        text = document.to_json()
+        document, text = fit(document, namespace)
         sealed_hash = document.sealed().hash
         body = client.V1ConfigMap(
             metadata=client.V1ObjectMeta(
@@ -233,8 +300,7 @@ class Reconciler:
                     "last_transition_time": old.get("lastTransitionTime") if same_status else now,
                 }
             ).dump()
-            if entry.get("last_transition_time") is None and "lastTransitionTime" not in entry:
-                entry["lastTransitionTime"] = now
+            entry.setdefault("lastTransitionTime", now)
             if any(
                 old.get(k) != entry.get(k)
                 for k in ("status", "reason", "message", "observedGeneration")

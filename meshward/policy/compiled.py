@@ -119,8 +119,9 @@ class PolicyDocument(_Model):
         return self.model_copy(update={"hash": self.content_hash()})
 
     def to_json(self) -> str:
+        """Compact canonical JSON (sorted keys): a ConfigMap holds at most 1 MiB."""
         body = self.sealed().model_dump(by_alias=True, mode="json")
-        return json.dumps(body, sort_keys=True, indent=1)
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> PolicyDocument:

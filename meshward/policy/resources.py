@@ -292,7 +292,10 @@ class AuthenticationRef(_Model):
 
 class AuthorizationPolicySpec(_Model):
     target_ref: TargetRef
-    required_authentication_refs: tuple[AuthenticationRef, ...]
+    required_authentication_refs: Annotated[
+        tuple[AuthenticationRef, ...], pydantic.Field(min_length=1)
+    ]
+    """At least one: an empty list would allow every client, so it is refused."""
 
 
 class AuthorizationPolicy(_Resource):
