@@ -35,6 +35,7 @@ test: venv control-plane lint
 bench: venv control-plane
 	$(PY) bench/bench_policy.py
 	$(PY) bench/bench_apply.py
+	$(PY) bench/bench_devcluster.py
 
 demo:
 	@echo "make demo (the namespace-jail lockdown) is not built yet: it arrives with issue 7." >&2

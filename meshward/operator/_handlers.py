@@ -20,6 +20,7 @@ from meshward.policy import compiled, resources
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Read settings (fail fast on a bad one), set kopf up, start the reconciler."""
     config = _settings.from_env()
     settings.peering.standalone = True
     settings.posting.level = logging.WARNING
@@ -46,6 +47,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    """Cancel the reconciler's tasks and close the API client."""
     if "reconciler" in memo:
         await memo.reconciler.close()
     if "api" in memo:
@@ -54,15 +56,18 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod: its ServiceAccount; elsewhere: the kubeconfig (kopf's own logic)."""
     info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
     return info or kopf.login_with_kubeconfig(**kwargs)
 
 
 def _policy_event(kind: str) -> None:
+    """Register the rebuild and admission handlers of one policy kind."""
     plural = resources.PLURALS[kind]
 
     @kopf.on.event(resources.GROUP, resources.VERSION, plural, id=f"rebuild-on-{plural}")
     async def rebuild(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+        """A resource changed: rebuild its namespace (all of them for mesh-wide policy)."""
         reconciler: _reconcile.Reconciler = memo.reconciler
         if kind == "PeerAuthentication" and namespace == memo.config.policy.root_namespace:
             reconciler.mark_all()
@@ -84,6 +89,7 @@ def _policy_event(kind: str) -> None:
         ignore_failures=True,
     )
     def validate(body: kopf.Body, **_: Any) -> None:
+        """Refuse what the schema can not express, with the model's message."""
         raw = dict(body)
         raw.setdefault("kind", kind)
         try:
@@ -100,11 +106,13 @@ for _kind in resources.KINDS:
 
 @kopf.on.event("", "v1", "pods", id="rebuild-on-pods")
 async def pods(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Labels, named ports, probes and annotations of pods feed the document."""
     memo.reconciler.mark(namespace)
 
 
 @kopf.on.event("", "v1", "namespaces", id="rebuild-on-namespaces")
 async def namespaces(name: str, memo: kopf.Memo, **_: Any) -> None:
+    """The namespace annotation sets the default policy; a new namespace gets one."""
     memo.reconciler.mark(name)
 
 
