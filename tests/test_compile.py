@@ -79,6 +79,22 @@ def policy(
     )
 
 
+def unvalidated_policy(
+    name: str, refs: list[dict[str, str]], target: str = "web-http", kind: str = "Server"
+) -> resources.AuthorizationPolicy:
+    """An AuthorizationPolicy built without the model's checks (which refuse an empty
+    requiredAuthenticationRefs): compile must stay safe when handed one anyway."""
+    spec = resources.AuthorizationPolicySpec.model_construct(
+        target_ref=resources.TargetRef.model_validate({"kind": kind, "name": target}),
+        required_authentication_refs=tuple(
+            resources.AuthenticationRef.model_validate(r) for r in refs
+        ),
+    )
+    return resources.AuthorizationPolicy.model_construct(
+        metadata=resources.Meta.model_validate(_meta(name)), spec=spec
+    )
+
+
 def mtls_auth(name: str, **spec: Any) -> resources.MeshTLSAuthentication:
     return resources.MeshTLSAuthentication.model_validate({"metadata": _meta(name), "spec": spec})
 
@@ -570,6 +586,47 @@ def test_authorization_policy_with_unresolved_ref_is_left_out(
     assert rule_names(result, "web-http") == ["fine"]
 
 
+@pytest.mark.parametrize(
+    ("target", "kind", "resolved"),
+    [("web-http", "Server", "True"), (NS, "Namespace", "True"), ("web-htp", "Server", "False")],
+    ids=["server", "namespace", "missing-server"],
+)
+def test_authorization_policy_without_authentications_is_refused(
+    target: str, kind: str, resolved: str
+) -> None:
+    """An empty requiredAuthenticationRefs would require nothing, so allow every client."""
+    empty = unvalidated_policy("everyone", [], target, kind)
+    result = compile_(server("web-http"), server("web-admin", 9090), empty)
+    c = cond(result, "AuthorizationPolicy", "everyone")
+    assert (c["Accepted"].status, c["Accepted"].reason) == ("False", "NoAuthentications")
+    assert "at least one" in c["Accepted"].message
+    assert c["ResolvedRefs"].status == resolved
+    assert all(not s.rules for s in result.document.servers)
+    pol = Policy(result.document)
+    for port in (8080, 9090):
+        got = decide(pol, Destination(port, pod="web-0"), Client(source_ip="203.0.113.9"))
+        assert not got.allowed, got.reason
+    assert compile_(server("web-http"), server("web-admin", 9090)).document.hash == (
+        result.document.hash
+    )
+
+
+def test_server_authorization_without_server_ref_is_refused() -> None:
+    """The model wants exactly one of name and selector; compile must not trust it did."""
+    ref = resources.ServerRef.model_construct(name=None, selector=None)
+    spec = resources.ServerAuthorizationSpec.model_construct(
+        server=ref, client=resources.Client.model_validate({"unauthenticated": True})
+    )
+    sa = resources.ServerAuthorization.model_construct(
+        metadata=resources.Meta.model_validate(_meta("nowhere")), spec=spec
+    )
+    result = compile_(server("web-http"), sa)
+    c = cond(result, "ServerAuthorization", "nowhere")
+    assert (c["Accepted"].status, c["Accepted"].reason) == ("False", "InvalidServerRef")
+    assert (c["ResolvedRefs"].status, c["ResolvedRefs"].reason) == ("False", "InvalidServerRef")
+    assert rule_names(result, "web-http") == []
+
+
 def test_authorization_policy_targets() -> None:
     result = compile_(
         server("web-http"),
@@ -702,6 +759,54 @@ def test_root_namespace_policy_is_the_mesh_policy() -> None:
     assert cond(result, "PeerAuthentication", "default")["Accepted"].status == "True"
 
 
+def _root_peer(
+    name: str, mode: str, selector: dict[str, Any] | None, created: str
+) -> resources.PeerAuthentication:
+    """A PeerAuthentication of the root namespace; ``selector`` as written (``{}`` included)."""
+    spec: dict[str, Any] = {"mtls": {"mode": mode}}
+    if selector is not None:
+        spec["selector"] = selector
+    return resources.PeerAuthentication.model_validate(
+        {"metadata": _meta(name, created, "meshward"), "spec": spec}
+    )
+
+
+@pytest.mark.parametrize(
+    ("selector", "mesh_wide"),
+    [({"matchLabels": {}}, True), ({}, True), ({"matchLabels": {"app": "web"}}, False)],
+    ids=["empty-match-labels", "empty-selector", "workload-selector"],
+)
+def test_mesh_wide_peer_authentication_is_picked_by_compile(
+    selector: dict[str, Any], mesh_wide: bool
+) -> None:
+    """The reconciler passes every root PeerAuthentication; compile alone picks the mesh-wide
+    one, the same way in the root namespace and in every other, and ignores root workload ones
+    (they select pods of the root namespace only)."""
+    root_pas = [
+        _root_peer("a-strict", "STRICT", selector, T1),  # the oldest
+        _root_peer("z-later", "PERMISSIVE", None, T2),  # selector-less, newer
+    ]
+    settings = Settings(root_namespace="meshward")
+    other = compile_namespace(state(mesh=root_pas), settings)
+    root = compile_namespace(state(*root_pas, mesh=root_pas, ns="meshward"), settings)
+    expected = "a-strict" if mesh_wide else "z-later"
+    for result in (other, root):
+        mesh = result.document.mesh_peer_authentication
+        assert mesh is not None and (mesh.name, mesh.namespace) == (expected, "meshward")
+    assert other.document.mesh_peer_authentication == root.document.mesh_peer_authentication
+    assert other.document.peer_authentications == ()  # nothing of the root's applies here
+
+    plaintext = Client(source_ip="10.1.1.1")
+    got = decide(Policy(other.document), Destination(8080, pod="web-0"), plaintext)
+    if mesh_wide:
+        assert (got.allowed, got.mtls_mode) == (False, MTLSMode.STRICT), got.reason
+        assert (got.rule_kind, got.rule_name) == ("PeerAuthentication", "a-strict")
+    else:
+        assert (got.allowed, got.mtls_mode) == (True, MTLSMode.PERMISSIVE), got.reason
+    labels_only = decide(Policy(other.document), Destination(8080, {"app": "web"}), plaintext)
+    assert labels_only.mtls_mode == got.mtls_mode
+
+
 # -- broken resources only take their own effect away ----------------------------------------
 
 
@@ -777,10 +882,11 @@ def _random_state(rng: random.Random) -> NamespaceState:
             }
             for _ in range(rng.randrange(0, 3))
         ]
+        make = policy if refs else unvalidated_policy  # the model refuses an empty list
         if rng.random() < 0.3:
-            items.append(policy(f"ap-{n}", refs, rng.choice([NS, "other"]), "Namespace"))
+            items.append(make(f"ap-{n}", refs, rng.choice([NS, "other"]), "Namespace"))
         else:
-            items.append(policy(f"ap-{n}", refs, f"s-{rng.choice(names)}"))
+            items.append(make(f"ap-{n}", refs, f"s-{rng.choice(names)}"))
     for n in rng.sample(names, rng.randrange(0, 3)):
         items.append(mtls_auth(f"auth-{n}", identities=[ident(rng.choice(["fe", "be"]))]))
     for n in rng.sample(names, rng.randrange(0, 3)):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meshward.policy import resources, workload
+from meshward.policy import compiled, resources, workload
 from meshward.policy.compile import NamespaceState, Settings, compile_namespace
 from meshward.policy.decision import Client, Decision, Destination, Policy, Request, decide
 from meshward.policy.resources import DefaultPolicy, MTLSMode
@@ -659,13 +659,23 @@ row("named_ports", D(8080), PLAIN_IN, _SRV_DENY, id="named-port-on-web-0")
 row("named_ports", D(8000, "web-1"), PLAIN_IN, _SRV_DENY, id="same-name-other-number")
 row("named_ports", D(8080, "web-1"), PLAIN_IN, _DEFAULT_OK, id="number-not-named-on-web-1")
 row("named_ports", D(7000), PLAIN_IN, _DEFAULT_OK, id="uncovered-port")
+# without the pod a named port can not be resolved: the Server that may cover it decides, not
+# the (here all-unauthenticated) default, which would allow what the Server refuses
 row(
     "named_ports",
     D(8080, None, app="web"),
     PLAIN_IN,
-    _DEFAULT_OK,
-    id="labels-only-cannot-resolve-name",
+    _SRV_DENY,
+    id="labels-only-named-port-server-decides",
 )
+row(
+    "named_ports",
+    D(8080, "web-7", app="web"),
+    PLAIN_IN,
+    _SRV_DENY,
+    id="pod-not-in-document-named-port-server-decides",
+)
+row("named_ports", D(8080, None, app="db"), PLAIN_IN, _DEFAULT_OK, id="labels-not-selected-named")
 row("numeric_port", D(8080, None, app="web"), PLAIN_IN, _SRV_DENY, id="labels-only-numeric")
 row("numeric_port", D(8080, None, app="db"), PLAIN_IN, _DEFAULT_OK, id="labels-not-selected")
 row(
@@ -699,7 +709,7 @@ row(
     "probes",
     D(8081, None, app="web"),
     PLAIN_OUT,
-    _PROBE_DENY,
+    deny(DEF, "deny", server="web-http"),  # its named port may be 8081, for all we know
     Request("GET", "/healthz"),
     id="pod-unknown",
 )
@@ -952,8 +962,6 @@ def test_decision_is_a_plain_frozen_value() -> None:
 
 def test_rule_with_http_match_needs_a_request() -> None:
     """Rules restricted to an HTTP route never match a bare TCP connection."""
-    from meshward.policy import compiled
-
     doc = SCENARIOS["numeric_port"]().document
     srv = doc.servers[0]
     route = compiled.Rule(
@@ -964,6 +972,108 @@ def test_rule_with_http_match_needs_a_request() -> None:
     assert decide(pol, D(8080), PLAIN_OUT, Request("GET", "/metrics")).rule_name == "metrics"
     assert not decide(pol, D(8080), PLAIN_OUT, None).allowed
     assert not decide(pol, D(8080), PLAIN_OUT, Request("GET", "/other")).allowed
+
+
+@scenario
+def named_and_numeric() -> Policy:
+    return build(
+        server("b-named", "http", access="deny"),
+        server("c-named", "admin", access="all-unauthenticated"),
+        server("a-numeric", 9090, access="all-authenticated"),
+        authz("fe", {"meshTLS": {"serviceAccounts": [{"name": "frontend"}]}}, "b-named"),
+        default=DefaultPolicy.ALL_UNAUTHENTICATED,
+    )
+
+
+def test_labels_only_named_port_server_decides_and_says_why() -> None:
+    """Deny when in doubt: without the pod, the first named-port Server selecting the labels
+    (document order) decides, unless a Server with this numeric port matched."""
+    pol = SCENARIOS["named_and_numeric"]()
+    for dest in (D(8080, None, app="web"), D(8080, "not-yet", app="web")):
+        got = decide(pol, dest, PLAIN_OUT)
+        assert (got.allowed, got.server_kind, got.server_name) == (False, "Server", "b-named")
+        assert "named port 'http' could not be resolved" in got.reason, got.reason
+        assert "not in the compiled policy yet" in got.reason
+        assert PLAIN_OUT.source_ip in got.reason
+        allowed = decide(pol, dest, MTLS_IN)  # b-named's authorization still applies
+        assert (allowed.allowed, allowed.rule_kind, allowed.rule_name) == (True, SA, "fe")
+        assert "could not be resolved" in allowed.reason
+        assert decide(pol, dest, MTLS_IN) is allowed  # memoised
+    numeric = decide(pol, D(9090, None, app="web"), PLAIN_OUT)
+    assert (numeric.server_name, numeric.allowed) == ("a-numeric", False)
+    assert "could not be resolved" not in numeric.reason
+    known = decide(pol, D(8080), PLAIN_OUT)  # with the pod, the port resolves as usual
+    assert (known.server_name, known.allowed) == ("b-named", False)
+    assert "could not be resolved" not in known.reason
+    elsewhere = decide(pol, D(7000), PLAIN_OUT)  # on a known pod, other ports are not its
+    assert (elsewhere.server_kind, elsewhere.allowed) == ("default", True)
+
+
+def _named_server(name: str, port: str, selector: dict[str, Any]) -> resources.Server:
+    return resources.Server.model_validate(
+        {"metadata": _meta(name), "spec": {"podSelector": selector, "port": port}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({"app": "web", "tier": "front"}, "a-web-front"),
+        ({"tier": "front", "app": "web"}, "a-web-front"),  # label order does not matter
+        ({"app": "web", "tier": "front", "env": "prod"}, "a-web-front"),
+        ({"app": "web", "tier": "back"}, "d-everything"),  # a's first label alone is not enough
+        ({"team": "x", "env": "prod"}, "b-env"),
+        ({"team": "x"}, "c-team"),
+        ({}, "d-everything"),
+    ],
+)
+def test_labels_only_named_port_server_is_first_in_document_order(
+    labels: dict[str, str], expected: str
+) -> None:
+    """Selectors with matchLabels and those without are looked up apart; order still holds."""
+    pol = build(
+        _named_server("a-web-front", "http", {"matchLabels": {"app": "web", "tier": "front"}}),
+        _named_server(
+            "b-env", "admin", {"matchExpressions": [{"key": "env", "operator": "Exists"}]}
+        ),
+        _named_server("c-team", "grpc", {"matchLabels": {"team": "x"}}),
+        _named_server("d-everything", "metrics", {}),
+        default=DefaultPolicy.ALL_UNAUTHENTICATED,
+    )
+    got = decide(pol, D(8080, None, **labels), PLAIN_IN)
+    assert (got.allowed, got.server_name) == (False, expected), got.reason
+    assert "could not be resolved" in got.reason
+
+
+def test_labels_only_named_port_under_strict_names_the_server() -> None:
+    pol = SCENARIOS["probes_strict"]()
+    got = decide(pol, D(8081, None, app="web"), PLAIN_OUT, Request("GET", "/healthz"))
+    assert (got.allowed, got.rule_kind, got.server_name) == (False, PA, "web-http")
+    assert "could not be resolved" in got.reason
+
+
+def test_hand_written_document_may_quote_a_port_number() -> None:
+    """compiled.Server accepts ``"port": "8080"``; it can only mean the number."""
+    doc = SCENARIOS["numeric_port"]().document
+    srv = doc.servers[0].model_copy(update={"port": "8080"})
+    doc = compiled.PolicyDocument.from_json(doc.model_copy(update={"servers": (srv,)}).to_json())
+    assert doc.servers[0].port == "8080"
+    pol = Policy(doc)
+    for dest in (D(8080), D(8080, None, app="web")):
+        got = decide(pol, dest, PLAIN_IN)
+        assert (got.allowed, got.server_name) == (False, "web-http"), got.reason
+        assert "could not be resolved" not in got.reason
+
+
+def test_hand_written_document_spiffe_patterns_are_normalised() -> None:
+    """compile writes DNS-form identities; a hand-written document may still use SPIFFE."""
+    doc = SCENARIOS["exact_dns"]().document
+    (rule,) = doc.servers[0].rules
+    rule = rule.model_copy(update={"identities": ((spiffe("frontend"),),)})
+    srv = doc.servers[0].model_copy(update={"rules": (rule,)})
+    pol = Policy(doc.model_copy(update={"servers": (srv,)}))
+    assert decide(pol, D(8080), mtls(ident("frontend"))).allowed
+    assert decide(pol, D(8080), MTLS_IN).allowed
 
 
 def test_disable_denial_explains_the_missing_identity() -> None:

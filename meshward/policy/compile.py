@@ -1,10 +1,16 @@
 """Compile one namespace's policy resources into the PolicyDocument that proxies read.
 
 Pure and deterministic: the same resources in any order give a byte-identical document (servers,
-rules and pods are sorted by name; ties between same-named duplicates are broken by content). It
+rules and pods are sorted by name, which Kubernetes keeps unique per kind in a namespace). It
 never raises on user input: whatever is wrong with a resource becomes a ``False`` condition with
 a message saying what to change, and that resource's effect is left out of the document, so a
-mistake can only take access away (deny when in doubt), never grant it.
+mistake can only take access away (deny when in doubt), never grant it. That holds even for a
+resource built without validation (``model_construct``): what the model would refuse, such as an
+AuthorizationPolicy without authentications, is refused here too rather than trusted.
+
+Mesh-wide PeerAuthentication is chosen here and nowhere else: callers pass every valid
+PeerAuthentication of the root namespace, and this module picks the mesh-wide one from them, so
+the root namespace and every other namespace agree on it.
 
 Semantics follow Linkerd (Server, ServerAuthorization, AuthorizationPolicy, MeshTLSAuthentication,
 NetworkAuthentication, default-inbound-policy annotations, probe paths) and Istio
@@ -19,7 +25,7 @@ import dataclasses
 import datetime
 import ipaddress
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from meshward.policy import compiled, resources, workload
@@ -62,7 +68,12 @@ class NamespaceState:
     network_authentications: Sequence[resources.NetworkAuthentication]
     peer_authentications: Sequence[resources.PeerAuthentication]
     mesh_peer_authentications: Sequence[resources.PeerAuthentication] = ()
-    """Selector-less PeerAuthentications of the root namespace (the mesh-wide candidates)."""
+    """Every valid PeerAuthentication of the root namespace, selectors and all: do not filter.
+
+    Compilation alone picks the mesh-wide one (no selector or empty ``matchLabels``; the oldest
+    wins) and ignores the root namespace's workload ones, which select only pods of the root
+    namespace. Filtering here as well is how the root namespace and the others came to disagree.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +132,6 @@ _OK = (_ACCEPTED_OK, _RESOLVED_OK)
 
 # -- helpers ---------------------------------------------------------------------------------
 
-_T = TypeVar("_T")
 _R = TypeVar("_R", bound=resources.PolicyResource)
 
 _NEVER = datetime.datetime.max.replace(tzinfo=datetime.UTC)
@@ -140,46 +150,13 @@ def _created(meta: resources.Meta) -> tuple[datetime.datetime, str]:
     return when, meta.name
 
 
-def _unique(
-    items: Iterable[_T], name: Callable[[_T], str], tiebreak: Callable[[_T], str]
-) -> list[_T]:
-    """Items sorted by name, one per name; duplicates (impossible in Kubernetes) keep the
-    smallest by content so the outcome does not depend on input order."""
-    by_name: dict[str, list[_T]] = {}
-    for item in items:
-        by_name.setdefault(name(item), []).append(item)
-    out = []
-    for key in sorted(by_name):
-        group = by_name[key]
-        out.append(group[0] if len(group) == 1 else min(group, key=tiebreak))
-    return out
+def _by_name(items: Iterable[_R]) -> list[_R]:
+    """Resources sorted by name (unique per kind and namespace, as the API server keeps them)."""
+    return sorted(items, key=lambda r: r.metadata.name)
 
 
-def _resource_key(r: resources.PolicyResource) -> str:
-    return json.dumps(r.dump(), sort_keys=True)
-
-
-def _unique_resources(items: Iterable[_R]) -> list[_R]:
-    return _unique(items, lambda r: r.metadata.name, _resource_key)
-
-
-def _pod_key(p: workload.Pod) -> str:
-    return json.dumps(
-        [
-            sorted(p.labels.items()),
-            sorted(p.annotations.items()),
-            sorted(p.ports.items()),
-            sorted((pr.port, pr.path) for pr in p.probes),
-        ]
-    )
-
-
-def _parse_policy(
-    value: str | None, fallback: DefaultPolicy | None, where: str, warnings: list[str]
-) -> DefaultPolicy | None:
+def _parse_policy(value: str, where: str, warnings: list[str]) -> DefaultPolicy:
     """A default-policy annotation value; an invalid one warns and means deny."""
-    if value is None:
-        return fallback
     try:
         return DefaultPolicy(value.strip())
     except ValueError:
@@ -205,6 +182,8 @@ def _networks(nets: Iterable[resources.Network]) -> tuple[compiled.Network, ...]
 
 
 def _cluster_group(settings: Settings, warnings: list[str]) -> tuple[compiled.Network, ...]:
+    # Settings is a plain dataclass: only the operator's loader validates it, and callers such as
+    # tests and tools construct it directly, so a bad CIDR must not reach the document here.
     group = []
     for cidr in settings.cluster_networks:
         try:
@@ -220,6 +199,13 @@ def _names(items: Iterable[str], limit: int = 5) -> str:
     listed = sorted(items)
     shown = ", ".join(listed[:limit])
     return shown + (f" and {len(listed) - limit} more" if len(listed) > limit else "")
+
+
+def _workload_labels(pa: resources.PeerAuthentication) -> dict[str, str] | None:
+    """A workload PeerAuthentication's ``matchLabels``; None for a namespace-wide one (or,
+    in the root namespace, mesh-wide): no selector, or one with empty ``matchLabels``."""
+    sel = pa.spec.selector
+    return dict(sel.match_labels) if sel is not None and sel.match_labels else None
 
 
 def _selector_text(sel: resources.LabelSelector, what: str = "pod") -> str:
@@ -242,9 +228,7 @@ class _Compiler:
         self.warnings: list[str] = []
         self.conditions: dict[tuple[str, str], tuple[resources.Condition, ...]] = {}
         self.cluster_group = _cluster_group(settings, self.warnings)
-        self.pods = _unique(
-            (p for p in state.pods if not p.host_network), lambda p: p.name, _pod_key
-        )
+        self.pods = sorted((p for p in state.pods if not p.host_network), key=lambda p: p.name)
         self.pod_labels = {p.name: dict(p.labels) for p in self.pods}
         self.rejected_servers: dict[str, str] = {}
 
@@ -260,21 +244,12 @@ class _Compiler:
         )
 
     def run(self) -> CompileResult:
-        try:
-            cluster_default = DefaultPolicy(self.settings.default_policy)
-        except ValueError:
-            self.warnings.append(
-                f"setting default_policy {self.settings.default_policy!r} is not a default "
-                "policy; using deny"
-            )
-            cluster_default = DefaultPolicy.DENY
-        ns_default = _parse_policy(
-            self.state.annotations.get(workload.DEFAULT_POLICY_ANNOTATION),
-            cluster_default,
-            f"namespace {self.ns}",
-            self.warnings,
+        annotation = self.state.annotations.get(workload.DEFAULT_POLICY_ANNOTATION)
+        ns_default = (
+            self.settings.default_policy
+            if annotation is None
+            else _parse_policy(annotation, f"namespace {self.ns}", self.warnings)
         )
-        assert ns_default is not None  # the fallback is never None
         doc_pods = {p.name: self.pod(p) for p in self.pods}
 
         servers = self.servers()
@@ -315,11 +290,11 @@ class _Compiler:
     # -- pods --
 
     def pod(self, p: workload.Pod) -> compiled.Pod:
-        default = _parse_policy(
-            p.annotations.get(workload.DEFAULT_POLICY_ANNOTATION),
-            None,
-            f"pod {self.ns}/{p.name}",
-            self.warnings,
+        annotation = p.annotations.get(workload.DEFAULT_POLICY_ANNOTATION)
+        default = (
+            None
+            if annotation is None
+            else _parse_policy(annotation, f"pod {self.ns}/{p.name}", self.warnings)
         )
         probes = sorted({(pr.port, pr.path) for pr in p.probes})
         return compiled.Pod(
@@ -335,7 +310,7 @@ class _Compiler:
         """The Servers in effect; a newer Server claiming a port an older one holds is left out."""
         claims: dict[tuple[str, int], str] = {}
         accepted: dict[str, resources.Server] = {}
-        candidates = _unique_resources(self.state.servers)
+        candidates = _by_name(self.state.servers)
         for srv in sorted(candidates, key=lambda s: _created(s.metadata)):
             name = srv.metadata.name
             port = _server_port(srv)
@@ -412,13 +387,20 @@ class _Compiler:
     def server_authorizations(
         self, servers: dict[str, resources.Server], rules: dict[str, list[compiled.Rule]]
     ) -> None:
-        for sa in _unique_resources(self.state.server_authorizations):
+        for sa in _by_name(self.state.server_authorizations):
             ref = sa.spec.server
             if ref.name is not None:
                 targets = [ref.name] if ref.name in servers else []
                 refs = _RESOLVED_OK if targets else self.missing_server(ref.name)
+            elif ref.selector is None:  # the model refuses this; one built without it may not
+                msg = "server sets neither name nor selector; set exactly one of them"
+                self.set(
+                    sa,
+                    _condition(ACCEPTED, False, "InvalidServerRef", msg),
+                    _condition(RESOLVED_REFS, False, "InvalidServerRef", msg),
+                )
+                continue
             else:
-                assert ref.selector is not None  # the model enforces exactly one
                 sel = ref.selector
                 targets = [n for n in sorted(servers) if sel.matches(servers[n].metadata.labels)]
                 refs = _RESOLVED_OK
@@ -482,15 +464,11 @@ class _Compiler:
     def authorization_policies(
         self, servers: dict[str, resources.Server], rules: dict[str, list[compiled.Rule]]
     ) -> None:
-        mtls_auths = {
-            m.metadata.name: m for m in _unique_resources(self.state.mesh_tls_authentications)
-        }
-        net_auths = {
-            n.metadata.name: n for n in _unique_resources(self.state.network_authentications)
-        }
+        mtls_auths = {m.metadata.name: m for m in _by_name(self.state.mesh_tls_authentications)}
+        net_auths = {n.metadata.name: n for n in _by_name(self.state.network_authentications)}
         mtls_groups: dict[str, tuple[str, ...]] = {}  # shared by the policies naming them
         net_groups: dict[str, tuple[compiled.Network, ...]] = {}
-        for ap in _unique_resources(self.state.authorization_policies):
+        for ap in _by_name(self.state.authorization_policies):
             target = ap.spec.target_ref
             targets: list[str] = []
             target_problem: resources.Condition | None = None
@@ -552,6 +530,24 @@ class _Compiler:
                         net_groups[ref.name] = _networks(n.spec.networks)
                     network_groups.append(net_groups[ref.name])
 
+            if not ap.spec.required_authentication_refs:
+                # No requirement at all would allow every client: refuse it, whatever the model
+                # let through (it refuses this too, but compile must not depend on that).
+                self.set(
+                    ap,
+                    _condition(
+                        ACCEPTED,
+                        False,
+                        "NoAuthentications",
+                        "requiredAuthenticationRefs is empty, which would allow every client; "
+                        "list at least one authentication ref (a MeshTLSAuthentication, "
+                        "NetworkAuthentication or ServiceAccount)",
+                    ),
+                    _condition(RESOLVED_REFS, False, "InvalidTarget", invalid_target)
+                    if invalid_target is not None
+                    else target_problem or _RESOLVED_OK,
+                )
+                continue
             if invalid_target is not None:
                 self.set(
                     ap,
@@ -596,9 +592,9 @@ class _Compiler:
         return tuple(sorted(patterns))
 
     def authentications(self) -> None:
-        for m in _unique_resources(self.state.mesh_tls_authentications):
+        for m in _by_name(self.state.mesh_tls_authentications):
             self.set(m, _ACCEPTED_OK, _RESOLVED_OK)
-        for n in _unique_resources(self.state.network_authentications):
+        for n in _by_name(self.state.network_authentications):
             self.set(n, _ACCEPTED_OK, _RESOLVED_OK)
 
     # -- PeerAuthentication --
@@ -606,27 +602,32 @@ class _Compiler:
     def peer_authentications(
         self,
     ) -> tuple[compiled.PeerAuthentication | None, tuple[compiled.PeerAuthentication, ...]]:
-        """Istio's choice: the oldest selector-less policy per level, workload ones by age."""
+        """Istio's choice: the oldest selector-less policy per level, workload ones by age.
+
+        The mesh-wide policy is picked from every PeerAuthentication of the root namespace
+        (``mesh_peer_authentications``, plus this namespace's own when it is the root); the root
+        namespace's workload policies select pods of the root namespace only, so other
+        namespaces ignore them.
+        """
 
         def selectorless(pa: resources.PeerAuthentication) -> bool:
-            return pa.spec.selector is None or not pa.spec.selector.match_labels
+            return _workload_labels(pa) is None
 
         def to_compiled(pa: resources.PeerAuthentication, ns: str) -> compiled.PeerAuthentication:
-            sel = pa.spec.selector
             return compiled.PeerAuthentication(
                 name=pa.metadata.name,
                 namespace=pa.metadata.namespace or ns,
-                selector=dict(sel.match_labels) if sel and sel.match_labels else None,
+                selector=_workload_labels(pa),
                 mode=pa.spec.mtls.mode,
                 port_level_mtls={p: m.mode for p, m in sorted(pa.spec.port_level_mtls.items())},
             )
 
-        own = _unique_resources(self.state.peer_authentications)
+        own = _by_name(self.state.peer_authentications)
         own_wide = sorted((p for p in own if selectorless(p)), key=lambda p: _created(p.metadata))
         is_root = self.ns == self.settings.root_namespace
         mesh_candidates = [
             (p, self.settings.root_namespace)
-            for p in _unique_resources(self.state.mesh_peer_authentications)
+            for p in _by_name(self.state.mesh_peer_authentications)
             if selectorless(p)
         ]
         if is_root:
@@ -659,11 +660,11 @@ class _Compiler:
         if own_wide and not is_root:
             out.append(to_compiled(own_wide[0], self.ns))
         workload_pas = sorted(
-            (p for p in own if not selectorless(p)), key=lambda p: _created(p.metadata)
+            ((p, sel) for p in own if (sel := _workload_labels(p)) is not None),
+            key=lambda c: _created(c[0].metadata),
         )
-        for pa in workload_pas:
-            assert pa.spec.selector is not None
-            wanted = pa.spec.selector.match_labels.items()
+        for pa, selected in workload_pas:
+            wanted = selected.items()
             if any(wanted <= labels.items() for labels in self.pod_labels.values()):
                 refs = _RESOLVED_OK
             else:

@@ -4,8 +4,10 @@ Pure and fast: :class:`Policy` turns a document into indexes once (per-pod port 
 parsed networks, identity pattern sets, the effective mTLS mode per pod and port), so
 :func:`decide` is a few dictionary look-ups and integer comparisons. Decisions are memoised in
 bounded tables: an allowing one carries no client detail and is shared by every client, a denial
-names its client and is shared only by that client's repeated connections. The tables are plain
-dicts, so concurrent threads at worst build the same decision twice.
+names its client and is shared only by that client's repeated connections. A destination known
+only by its labels is resolved (Server, mTLS mode) once per port and label set, in another
+bounded table. The tables are plain dicts, so concurrent threads at worst build the same entry
+twice.
 
 Order of evaluation:
 
@@ -15,8 +17,12 @@ Order of evaluation:
    that exception, mesh-wide STRICT would fail every pod's readiness. DISABLE means the proxy
    does not terminate mTLS, so it sees no peer identity: the client is judged as plaintext (as
    Istio does for principals).
-2. The Server covering (pod, port): named ports resolve through the pod's ports; without a known
-   pod, Server selectors are matched against ``Destination.labels`` and numeric ports only.
+2. The Server covering (pod, port): named ports resolve through the pod's ports. Without a known
+   pod (``Destination.pod`` unset, or not in the document yet), Server selectors are matched
+   against ``Destination.labels``: the first Server with that numeric port covers it; failing
+   that, the first Server with a named port that selects the labels decides, since its port can
+   not be resolved and it may well be this one (deny when in doubt: the namespace default may
+   allow what that Server would refuse). Its reason says so.
 3. With a Server, its first matching rule allows; otherwise its accessPolicy decides.
 4. Without one, an HTTP probe path of the pod (GET, exact path, on that port) is allowed;
    otherwise the pod's default policy, else the namespace's.
@@ -178,6 +184,7 @@ def _id_group(patterns: tuple[str, ...]) -> _IdGroup:
     exact: set[str] = set()
     suffixes: list[str] = []
     for raw in patterns:
+        # compile normalises, but a hand-written document (proxies load any) may not: keep this
         pattern = identity_pattern(raw)
         if pattern == "*":
             any_identity = True
@@ -261,7 +268,17 @@ def _decision(
 
 
 class _Rule:
-    __slots__ = ("allowed", "http", "ids", "kind", "name", "nets", "reason", "tls")
+    __slots__ = (
+        "allowed",
+        "allowed_unresolved",
+        "http",
+        "ids",
+        "kind",
+        "name",
+        "nets",
+        "reason",
+        "tls",
+    )
 
     def __init__(self, rule: compiled.Rule, server: str) -> None:
         self.kind = rule.kind
@@ -273,15 +290,24 @@ class _Rule:
         self.reason = f"{rule.kind} {rule.name} authorizes this client on Server {server}"
         self.allowed: dict[str, Decision] = {}
         """The allowing decision per mTLS mode (by value), built on first use."""
+        self.allowed_unresolved: dict[str, Decision] = {}
+        """The same, when its Server decides a port it may not cover (``_Server.unresolved``)."""
 
 
 class _Server:
-    __slots__ = ("access_policy", "by_client", "name", "port", "rules", "selector")
+    __slots__ = ("access_policy", "by_client", "name", "port", "rules", "selector", "unresolved")
 
     def __init__(self, server: compiled.Server) -> None:
         self.name = server.name
         port = server.port
+        # compile writes numbers as int, but a hand-written document may quote one ("8080"), which
+        # compiled.Server accepts; no port name is all digits, so it can only mean the number
         self.port: int | str = int(port) if isinstance(port, str) and port.isdigit() else port
+        self.unresolved = (
+            f"; Server {server.name} decides because its named port {port!r} could not be "
+            "resolved: the pod is not in the compiled policy yet (deny when in doubt)"
+        )
+        """Appended to the reason when this Server decides a port it may not cover."""
         self.access_policy = server.access_policy.value
         self.rules = tuple(_Rule(r, server.name) for r in server.rules)
         self.selector = _Selector(server.pod_selector)
@@ -392,6 +418,22 @@ class Policy:
             if isinstance(srv.port, int):
                 by_port.setdefault(srv.port, []).append(srv)
         self._by_port = {port: tuple(s) for port, s in by_port.items()}
+        # Servers with a named port: without the pod, any port may be theirs. Indexed by one
+        # label their selector requires, so a look-up costs a few dict hits, not a scan.
+        named_by_label: dict[tuple[str, str], list[tuple[int, _Server]]] = {}
+        named_any: list[tuple[int, _Server]] = []  # selectors without matchLabels
+        for order, srv in enumerate(self._servers):
+            if isinstance(srv.port, str):
+                if srv.selector.labels:
+                    named_by_label.setdefault(srv.selector.labels[0], []).append((order, srv))
+                else:
+                    named_any.append((order, srv))
+        self._named_by_label = {k: tuple(v) for k, v in named_by_label.items()}
+        self._named_any = tuple(named_any)
+        self._by_labels: dict[
+            tuple[int, frozenset[tuple[str, str]]], tuple[_Server | None, str, _Mtls]
+        ] = {}
+        """Labels-only destinations resolved once: (port, labels) -> (Server, note, mTLS)."""
 
         self._pods: dict[str, _Pod] = {}
         for name, pod in document.pods.items():
@@ -424,6 +466,45 @@ class Policy:
                 return base, pa.ports
         return self._mtls_base, {}
 
+    def _resolve_labels(
+        self, port: int, labels: Mapping[str, str]
+    ) -> tuple[_Server | None, str, _Mtls]:
+        """(Server, reason note, mTLS) for a destination known only by its labels."""
+        server: _Server | None = None
+        note = ""  # set when a named-port Server decides without knowing its port
+        for candidate in self._by_port.get(port, ()):
+            if candidate.selector.matches(labels):
+                server = candidate
+                break
+        else:
+            server = self._named_server(labels)
+            if server is not None:
+                note = server.unresolved
+        if self._workload_pas:
+            mtls_default, mtls_ports = self._mtls_chain(labels)
+            return server, note, mtls_ports.get(port, mtls_default)
+        return server, note, self._mtls_base
+
+    def _named_server(self, labels: Mapping[str, str]) -> _Server | None:
+        """The first Server (document order) with a named port whose selector matches."""
+        best_order = len(self._servers)
+        best: _Server | None = None
+        by_label = self._named_by_label
+        if by_label:
+            for item in labels.items():
+                for order, srv in by_label.get(item, ()):  # each list is in document order
+                    if order >= best_order:
+                        break
+                    if srv.selector.matches(labels):
+                        best_order, best = order, srv
+                        break
+        for order, srv in self._named_any:
+            if order >= best_order:
+                break
+            if srv.selector.matches(labels):
+                return srv
+        return best
+
     def mtls_mode(self, dest: Destination) -> MTLSMode:
         """The effective mTLS mode on this destination (never UNSET)."""
         pod = self._pods.get(dest.pod) if dest.pod is not None else None
@@ -440,6 +521,7 @@ class Policy:
         pod_name = dest.pod
         pod = self._pods.get(pod_name) if pod_name is not None else None
         server: _Server | None = None
+        note = ""  # set when a named-port Server decides without knowing its port
         if pod is not None:
             server = pod.servers.get(port)
             mtls = pod.mtls_ports.get(port) if pod.mtls_ports else None
@@ -448,17 +530,13 @@ class Policy:
             default = pod.default
         else:
             labels = dest.labels
-            candidates = self._by_port.get(port)
-            if candidates:
-                for candidate in candidates:
-                    if candidate.selector.matches(labels):
-                        server = candidate
-                        break
-            if self._workload_pas:
-                mtls_default, mtls_ports = self._mtls_chain(labels)
-                mtls = mtls_ports.get(port, mtls_default) if mtls_ports else mtls_default
-            else:
-                mtls = self._mtls_base
+            label_key = (port, frozenset(labels.items()))
+            resolved = self._by_labels.get(label_key)
+            if resolved is None:
+                if len(self._by_labels) >= _MEMO_LIMIT:
+                    self._by_labels.clear()
+                resolved = self._by_labels[label_key] = self._resolve_labels(port, labels)
+            server, note, mtls = resolved
             default = self._default
         mode, mode_key, pa_name, pa_where = mtls
 
@@ -482,7 +560,7 @@ class Policy:
                 "PeerAuthentication",
                 pa_name,
                 f"{pa_where} requires mTLS (STRICT) on port {port}: plaintext from "
-                f"{client.source_ip} is refused",
+                f"{client.source_ip} is refused{note}",
                 mode,
             )
         nid = _normalise(identity) if identity else None
@@ -501,18 +579,25 @@ class Policy:
                         ip, ip_known = _parse_ip(client.source_ip), True
                     if ip is None or not _in_groups(ip, rule.nets):
                         continue
-                hit = rule.allowed.get(mode_key)
+                allowed = rule.allowed_unresolved if note else rule.allowed
+                hit = allowed.get(mode_key)
                 if hit is None:
-                    hit = rule.allowed[mode_key] = _decision(
-                        True, False, "Server", server.name, rule.kind, rule.name, rule.reason, mode
+                    hit = allowed[mode_key] = _decision(
+                        True,
+                        False,
+                        "Server",
+                        server.name,
+                        rule.kind,
+                        rule.name,
+                        rule.reason + note,
+                        mode,
                     )
                 return hit
             return self._by_default(
-                server.access_policy, server, port, nid, tls, client, mode, mode_key
+                server.access_policy, server, port, nid, tls, client, mode, mode_key, note
             )
 
-        if probe:
-            assert request is not None
+        if probe and request is not None:  # probe implies a request; the test narrows the type
             key: tuple[object, ...] = ("probe", port, request.path, mode_key, default)
             hit = self._memo.get(key)
             if hit is None:
@@ -525,7 +610,7 @@ class Policy:
                     _decision(True, False, "default", default, "probe", request.path, reason, mode),
                 )
             return hit
-        return self._by_default(default, None, port, nid, tls, client, mode, mode_key)
+        return self._by_default(default, None, port, nid, tls, client, mode, mode_key, "")
 
     def _remember(self, key: tuple[object, ...], decision: Decision) -> Decision:
         if len(self._memo) >= _MEMO_LIMIT:
@@ -543,11 +628,13 @@ class Policy:
         client: Client,
         mode: MTLSMode,
         mode_key: str,
+        note: str,
     ) -> Decision:
         """A default policy (or a Server's accessPolicy, when ``server`` is set) for this client.
 
         Decisions are memoised by everything their fields depend on: a denial names the
-        client, so it is shared only by repeated connections from the same client.
+        client, so it is shared only by repeated connections from the same client. ``note``
+        is appended to the reason (empty, or ``_Server.unresolved``).
         """
         has_identity = nid is not None
         in_cluster = True
@@ -563,9 +650,18 @@ class Policy:
             allowed = in_cluster and (has_identity or policy == _CLUSTER_UNAUTHENTICATED)
 
         if allowed:
-            key: tuple[object, ...] = (server, policy, port, mode_key)
+            key: tuple[object, ...] = (server, policy, port, mode_key, note)
         else:
-            key = (server, policy, port, mode_key, client.identity, client.tls, client.source_ip)
+            key = (
+                server,
+                policy,
+                port,
+                mode_key,
+                note,
+                client.identity,
+                client.tls,
+                client.source_ip,
+            )
         hit = self._memo.get(key)
         if hit is not None:
             return hit
@@ -602,7 +698,7 @@ class Policy:
                     f"accessPolicy {policy} {needs}"
                 )
         decision = _decision(
-            allowed, audit, server_kind, server_name, "default", policy, reason, mode
+            allowed, audit, server_kind, server_name, "default", policy, reason + note, mode
         )
         return self._remember(key, decision)
 
