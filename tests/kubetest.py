@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
+import yaml
 from kubernetes import client
 from kubernetes.client import exceptions
 
@@ -89,6 +90,53 @@ def wait_document(
         return doc if doc is not None and check(doc) else None
 
     return wait_for(f"{what} in namespace {namespace}", probe, timeout)
+
+
+def pod_manifest(
+    namespace: str,
+    name: str,
+    app: str,
+    *,
+    annotations: dict[str, str] | None = None,
+    probes: dict[str, tuple[str, int | str]] | None = None,
+) -> str:
+    """A Pod with container ports http (8080) and admin (9990) and the given HTTP probes
+    (``{"readinessProbe": ("/ready", "admin")}``), as YAML. The API server only stores it."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app": app},
+            "annotations": annotations or {},
+        },
+        "spec": {
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "registry.invalid/app:1",
+                    "ports": [
+                        {"name": "http", "containerPort": 8080},
+                        {"name": "admin", "containerPort": 9990},
+                    ],
+                    **{
+                        kind: {"httpGet": {"path": path, "port": port}}
+                        for kind, (path, port) in (probes or {}).items()
+                    },
+                }
+            ]
+        },
+    }
+    return yaml.safe_dump(pod, sort_keys=False)
+
+
+def wait_service_account(core: client.CoreV1Api, namespace: str) -> None:
+    """Pods need the namespace's default ServiceAccount, which the controller-manager adds."""
+    wait_for(
+        f"the default ServiceAccount in {namespace}",
+        lambda: core.read_namespaced_service_account("default", namespace),
+    )
 
 
 class Operator:

@@ -42,21 +42,11 @@ def test_explain_names_the_deciding_rule(
     namespace: str,
 ) -> None:
     ns = namespace
-    kubetest.wait_for(
-        "the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns)
-    )
+    kubetest.wait_service_account(core, ns)
     kubectl.run("annotate", "namespace", ns, "config.meshward.io/default-inbound-policy=deny")
     kubectl.apply(
-        textwrap.dedent(f"""
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: web-0, namespace: {ns}, labels: {{app: web}}}}
-        spec:
-          containers:
-          - name: web
-            image: registry.invalid/web:1
-            ports: [{{name: http, containerPort: 8080}}, {{name: admin, containerPort: 9990}}]
-            readinessProbe: {{httpGet: {{path: /ready, port: admin}}}}
+        kubetest.pod_manifest(ns, "web-0", "web", probes={"readinessProbe": ("/ready", "admin")})
+        + textwrap.dedent(f"""
         ---
         apiVersion: policy.meshward.io/v1alpha1
         kind: Server

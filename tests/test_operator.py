@@ -173,29 +173,7 @@ def test_status_says_what_is_wrong_and_recovers(
     assert cond["Accepted"]["status"] == "True"
 
 
-def _pod(ns: str, name: str, app: str, annotations: str = "{}") -> str:
-    return textwrap.dedent(f"""
-        apiVersion: v1
-        kind: Pod
-        metadata:
-          name: {name}
-          namespace: {ns}
-          labels: {{app: {app}}}
-          annotations: {annotations}
-        spec:
-          containers:
-          - name: app
-            image: registry.invalid/app:1
-            ports: [{{name: http, containerPort: 8080}}, {{name: admin, containerPort: 9990}}]
-            readinessProbe: {{httpGet: {{path: /ready, port: admin}}}}
-            livenessProbe: {{httpGet: {{path: /live, port: 9990}}}}
-    """)
-
-
-def _wait_default_service_account(core: client.CoreV1Api, ns: str) -> None:
-    kubetest.wait_for(
-        "the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns)
-    )
+PROBES = {"readinessProbe": ("/ready", "admin"), "livenessProbe": ("/live", 9990)}
 
 
 def test_pods_named_ports_probes_and_annotations(
@@ -206,15 +184,19 @@ def test_pods_named_ports_probes_and_annotations(
     namespace: str,
 ) -> None:
     ns = namespace
-    _wait_default_service_account(core, ns)
+    kubetest.wait_service_account(core, ns)
     kubectl.run("annotate", "namespace", ns, "config.meshward.io/default-inbound-policy=deny")
     kubectl.apply(
-        _pod(
-            ns, "web-0", "web", '{"config.meshward.io/default-inbound-policy": "all-authenticated"}'
+        kubetest.pod_manifest(
+            ns,
+            "web-0",
+            "web",
+            annotations={"config.meshward.io/default-inbound-policy": "all-authenticated"},
+            probes=PROBES,
         )
-        + "---"
-        + _pod(ns, "other-0", "other")
-        + "---"
+        + "\n---\n"
+        + kubetest.pod_manifest(ns, "other-0", "other", probes=PROBES)
+        + "\n---\n"
         + server(ns, port="http")
     )
     doc = kubetest.wait_document(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pathlib
 import re
-import textwrap
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -187,21 +186,11 @@ def test_deny_with_probes(
 ) -> None:
     applied = apply_sample("deny-with-probes.yaml", ("payments",))
     ns = applied.ns("payments")
-    kubetest.wait_for(
-        "the default ServiceAccount", lambda: core.read_namespaced_service_account("default", ns)
-    )
+    kubetest.wait_service_account(core, ns)
     kubectl.apply(
-        textwrap.dedent(f"""
-        apiVersion: v1
-        kind: Pod
-        metadata: {{name: payments-api-0, namespace: {ns}, labels: {{app: payments-api}}}}
-        spec:
-          containers:
-          - name: api
-            image: registry.invalid/payments:1
-            ports: [{{name: http, containerPort: 8080}}, {{name: admin, containerPort: 9990}}]
-            livenessProbe: {{httpGet: {{path: /live, port: admin}}}}
-    """)
+        kubetest.pod_manifest(
+            ns, "payments-api-0", "payments-api", probes={"livenessProbe": ("/live", "admin")}
+        )
     )
     doc = kubetest.wait_document(
         core,
