@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from meshward.operator import _reconcile
+from typing import Any
+
+import kubernetes_asyncio.client
+
+from meshward.operator import _reconcile, _settings
 from meshward.policy import compiled, decision
 
 
@@ -46,3 +50,42 @@ def test_an_oversized_document_fails_closed() -> None:
         decision.Policy(parsed), decision.Destination(8080, {"app": "web"}), outsider
     )
     assert before.allowed and not after.allowed
+
+
+class _Recorder(_reconcile.Reconciler):
+    """A reconciler that records which namespaces it was asked to rebuild, and does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(kubernetes_asyncio.client.ApiClient(), _settings.from_env({}))
+        self.marked: list[str | None] = []
+
+    def mark(self, namespace: str | None, delay: float = 0) -> None:
+        self.marked.append(namespace)
+
+
+def _pod_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "metadata": {"name": "web-0", "labels": {"app": "web"}},
+        "spec": {
+            "containers": [{"name": "web", "ports": [{"name": "http", "containerPort": 8080}]}]
+        },
+        "status": {"phase": "Pending"},
+    }
+    for key, value in changes.items():
+        section, field = key.split("__")
+        body[section][field] = value
+    return body
+
+
+async def test_pod_status_churn_does_not_rebuild() -> None:
+    rec = _Recorder()
+    rec.pod_changed("ns", _pod_body())
+    rec.pod_changed("ns", _pod_body(status__phase="Running"))
+    rec.pod_changed("ns", _pod_body(status__podIP="10.1.2.3"))
+    assert rec.marked == ["ns"]
+    rec.pod_changed("ns", _pod_body(metadata__labels={"app": "web", "v": "2"}))
+    rec.pod_changed("ns", _pod_body(metadata__deletionTimestamp="2026-11-23T00:00:00Z"))
+    rec.pod_changed("ns", _pod_body(), deleted=True)
+    rec.pod_changed("ns", _pod_body())
+    await rec.close()
+    assert rec.marked == ["ns"] * 5

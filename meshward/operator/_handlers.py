@@ -38,20 +38,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             pkeyfile=str(pkeyfile),
         )
         settings.admission.managed = config.webhook_name
-    api = await kube.connect()
-    memo.api = api
     memo.config = config
-    memo.reconciler = _reconcile.Reconciler(api, config)
+    memo.reconciler = _reconcile.Reconciler(await kube.connect(), config)
     memo.reconciler.start()
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    """Cancel the reconciler's tasks and close the API client."""
+    """Cancel the reconciler's tasks and close its API client."""
     if "reconciler" in memo:
         await memo.reconciler.close()
-    if "api" in memo:
-        await memo.api.close()
 
 
 @kopf.on.login()
@@ -105,9 +101,11 @@ for _kind in resources.KINDS:
 
 
 @kopf.on.event("", "v1", "pods", id="rebuild-on-pods")
-async def pods(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def pods(
+    type: str | None, namespace: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
     """Labels, named ports, probes and annotations of pods feed the document."""
-    memo.reconciler.mark(namespace)
+    memo.reconciler.pod_changed(namespace, body, deleted=type == "DELETED")
 
 
 @kopf.on.event("", "v1", "namespaces", id="rebuild-on-namespaces")

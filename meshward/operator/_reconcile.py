@@ -79,6 +79,7 @@ class Reconciler:
         self._failures: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._all_requested = False
+        self._pods: dict[tuple[str, str], tuple[workload.Pod, bool]] = {}
 
     def mark(self, namespace: str | None, delay: float = DEBOUNCE) -> None:
         """Ask for ``namespace`` to be rebuilt soon."""
@@ -88,6 +89,24 @@ class Reconciler:
             return
         self._pending.add(namespace)
         self._spawn(self._run(namespace, delay))
+
+    def pod_changed(
+        self, namespace: str | None, body: Mapping[str, Any], deleted: bool = False
+    ) -> None:
+        """A pod event: rebuild only when what policy reads of the pod changed (its labels,
+        ports, probes, annotations, deletion), not on every status update."""
+        if not namespace:
+            return
+        pod = workload.Pod.from_api(body)
+        key = (namespace, pod.name)
+        seen = (pod, bool((body.get("metadata") or {}).get("deletionTimestamp")))
+        if deleted:
+            self._pods.pop(key, None)
+        elif self._pods.get(key) == seen:
+            return
+        else:
+            self._pods[key] = seen
+        self.mark(namespace)
 
     def mark_all(self) -> None:
         """Ask for every namespace to be rebuilt (a mesh-wide setting changed); never lost:
@@ -132,9 +151,11 @@ class Reconciler:
             self.mark_all()
 
     async def close(self) -> None:
+        """Cancel every task this reconciler started, and close its API client."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._api.close()
 
     async def _run(self, namespace: str, delay: float) -> None:
         await asyncio.sleep(delay)
