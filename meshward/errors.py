@@ -7,6 +7,13 @@
     │   ├── InvalidResource    a resource fails validation (what, and how to fix it)
     │   ├── PolicyNotFound     a namespace has no compiled policy document
     │   └── PodNotFound        a pod named in a question does not exist
+    ├── IdentityError          a certificate can not be issued or trusted
+    │   ├── InvalidCSR         the CSR is malformed, oversized, badly signed or has a weak key
+    │   ├── InvalidIdentity    the requested identity is not a well-formed mesh identity
+    │   ├── TokenRejected      the ServiceAccount token did not authenticate
+    │   ├── IdentityMismatch   the token authenticates another ServiceAccount
+    │   ├── IssuerError        the issuer is missing, expired or does not chain to an anchor
+    │   └── UntrustedChain     a certificate chain does not verify against the anchors
     └── ConfigError            a setting is missing or malformed
 
 Messages are written for the person who has to act on them: what is wrong, then what to do.
@@ -49,6 +56,34 @@ class PodNotFound(PolicyError):
 
 class ClusterUnreachable(MeshwardError):
     """The Kubernetes API server did not answer; the message says which address failed."""
+
+
+class IdentityError(MeshwardError):
+    """A certificate can not be issued or trusted."""
+
+
+class InvalidCSR(IdentityError):
+    """The CSR is malformed, oversized, badly signed, or carries a key we do not accept."""
+
+
+class InvalidIdentity(IdentityError):
+    """The requested identity is not ``<sa>.<ns>.serviceaccount.identity.meshward.<td>``."""
+
+
+class TokenRejected(IdentityError):
+    """The ServiceAccount token did not authenticate (wrong audience, expired, deleted SA)."""
+
+
+class IdentityMismatch(IdentityError):
+    """The token authenticates a different ServiceAccount than the identity requested."""
+
+
+class IssuerError(IdentityError):
+    """The issuer is missing, expired, or does not chain to a trust anchor."""
+
+
+class UntrustedChain(IdentityError):
+    """A certificate chain does not verify against the trust anchors."""
 
 
 class ConfigError(MeshwardError):
