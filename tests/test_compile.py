@@ -6,77 +6,37 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from meshward.policy import compiled, resources, workload
-from meshward.policy.compile import (
-    CompileResult,
-    NamespaceState,
-    Settings,
-    compile_namespace,
-)
+from meshward.policy import compiled, resources
+from meshward.policy.compile import CompileResult, NamespaceState, Settings, compile_namespace
 from meshward.policy.decision import Client, Destination, Policy, Request, decide
 from meshward.policy.resources import DefaultPolicy, MTLSMode
+from tests.builders import (
+    CREATED,
+    NS,
+    TD,
+    WEB,
+    authz,
+    ident,
+    meta,
+    mtls_auth,
+    net_auth,
+    peer,
+    pod,
+    policy,
+    server,
+    state,
+)
 
-NS = "app"
-TD = "cluster.local"
-T1, T2, T3 = "2024-01-01T00:00:00Z", "2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"
+T1, T2, T3 = CREATED, "2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z"
 CLUSTER = Settings().cluster_networks
 
 
-def ident(sa: str, ns: str = NS) -> str:
-    return f"{sa}.{ns}.serviceaccount.identity.meshward.{TD}"
-
-
-# -- builders --------------------------------------------------------------------------------
-
-
-def _meta(name: str, created: str | None = T1, ns: str = NS, **labels: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": labels}
-    if created is not None:
-        meta["creationTimestamp"] = created
-    return meta
-
-
-def server(
-    name: str,
-    port: int | str = 8080,
-    app: str = "web",
-    created: str | None = T1,
-    **labels: str,
-) -> resources.Server:
-    return resources.Server.model_validate(
-        {
-            "metadata": _meta(name, created, **labels),
-            "spec": {"podSelector": {"matchLabels": {"app": app}}, "port": port},
-        }
-    )
-
-
-def authz(
-    name: str, client: dict[str, Any], srv: str | None = "web-http", **selector: str
-) -> resources.ServerAuthorization:
-    ref: dict[str, Any] = {"name": srv} if srv else {"selector": {"matchLabels": selector}}
-    return resources.ServerAuthorization.model_validate(
-        {"metadata": _meta(name), "spec": {"server": ref, "client": client}}
-    )
-
-
-def policy(
-    name: str, refs: list[dict[str, str]], target: str = "web-http", kind: str = "Server"
-) -> resources.AuthorizationPolicy:
-    return resources.AuthorizationPolicy.model_validate(
-        {
-            "metadata": _meta(name),
-            "spec": {
-                "targetRef": {"kind": kind, "name": target},
-                "requiredAuthenticationRefs": refs,
-            },
-        }
-    )
+# -- builders (the shared ones are in tests.builders) ----------------------------------------
 
 
 def unvalidated_policy(
@@ -91,81 +51,7 @@ def unvalidated_policy(
         ),
     )
     return resources.AuthorizationPolicy.model_construct(
-        metadata=resources.Meta.model_validate(_meta(name)), spec=spec
-    )
-
-
-def mtls_auth(name: str, **spec: Any) -> resources.MeshTLSAuthentication:
-    return resources.MeshTLSAuthentication.model_validate({"metadata": _meta(name), "spec": spec})
-
-
-def net_auth(name: str, *cidrs: str) -> resources.NetworkAuthentication:
-    return resources.NetworkAuthentication.model_validate(
-        {"metadata": _meta(name), "spec": {"networks": [{"cidr": c} for c in cidrs]}}
-    )
-
-
-def peer(
-    name: str,
-    mode: str = "STRICT",
-    app: str | None = None,
-    created: str | None = T1,
-    ns: str = NS,
-    ports: Mapping[str, str] | None = None,
-) -> resources.PeerAuthentication:
-    spec: dict[str, Any] = {"mtls": {"mode": mode}}
-    if app:
-        spec["selector"] = {"matchLabels": {"app": app}}
-    if ports:
-        spec["portLevelMtls"] = {p: {"mode": m} for p, m in ports.items()}
-    return resources.PeerAuthentication.model_validate(
-        {"metadata": _meta(name, created, ns), "spec": spec}
-    )
-
-
-def pod(
-    name: str,
-    app: str = "web",
-    ports: Mapping[str, int] | None = None,
-    probes: Sequence[tuple[int, str]] = (),
-    annotations: Mapping[str, str] | None = None,
-    host_network: bool = False,
-    **labels: str,
-) -> workload.Pod:
-    return workload.Pod(
-        name=name,
-        labels={"app": app, **labels},
-        annotations=dict(annotations or {}),
-        ports=dict(ports or {}),
-        probes=tuple(workload.HTTPProbe(p, path) for p, path in probes),
-        host_network=host_network,
-    )
-
-
-WEB = pod("web-0", ports={"http": 8080})
-
-
-def state(
-    *items: resources.PolicyResource,
-    pods: Sequence[workload.Pod] = (WEB,),
-    annotations: Mapping[str, str] | None = None,
-    mesh: Sequence[resources.PeerAuthentication] = (),
-    ns: str = NS,
-) -> NamespaceState:
-    def of(kind: type[Any]) -> list[Any]:
-        return [i for i in items if isinstance(i, kind)]
-
-    return NamespaceState(
-        namespace=ns,
-        annotations=dict(annotations or {}),
-        pods=list(pods),
-        servers=of(resources.Server),
-        server_authorizations=of(resources.ServerAuthorization),
-        authorization_policies=of(resources.AuthorizationPolicy),
-        mesh_tls_authentications=of(resources.MeshTLSAuthentication),
-        network_authentications=of(resources.NetworkAuthentication),
-        peer_authentications=of(resources.PeerAuthentication),
-        mesh_peer_authentications=list(mesh),
+        metadata=resources.Meta.model_validate(meta(name)), spec=spec
     )
 
 
@@ -211,7 +97,7 @@ def rich_items() -> list[resources.PolicyResource]:
         ),
         policy("broken", [{"kind": "MeshTLSAuthentication", "name": "missing"}]),
         mtls_auth("fe-id", identityRefs=[{"kind": "ServiceAccount", "name": "frontend"}]),
-        net_auth("office", "192.168.0.0/16", "10.20.0.0/16"),
+        net_auth("office", {"cidr": "192.168.0.0/16"}, {"cidr": "10.20.0.0/16"}),
         peer("ns-wide", "PERMISSIVE", created=T1),
         peer("ns-wide-newer", "STRICT", created=T2),
         peer("db-strict", "STRICT", app="db", ports={"5432": "STRICT", "9100": "PERMISSIVE"}),
@@ -226,7 +112,7 @@ RICH_PODS = [
         "db-0",
         app="db",
         ports={"pg": 5432},
-        annotations={"config.meshward.io/default-inbound-policy": "cluster-authenticated"},
+        default="cluster-authenticated",
     ),
     pod("node-agent", app="agent", host_network=True),
 ]
@@ -526,7 +412,7 @@ def test_authorization_policy_refs_become_groups() -> None:
                 {"kind": "Namespace", "name": "batch"},
             ],
         ),
-        net_auth("office", "192.168.0.0/16"),
+        net_auth("office", {"cidr": "192.168.0.0/16"}),
         policy(
             "all",
             [
@@ -549,7 +435,7 @@ def test_authorization_policy_refs_become_groups() -> None:
 def test_authorization_policy_without_identity_ref_lets_plaintext_in() -> None:
     result = compile_(
         server("web-http"),
-        net_auth("office", "192.168.0.0/16"),
+        net_auth("office", {"cidr": "192.168.0.0/16"}),
         policy("office", [{"kind": "NetworkAuthentication", "name": "office"}]),
     )
     (rule,) = server_doc(result, "web-http").rules
@@ -575,7 +461,7 @@ def test_authorization_policy_with_unresolved_ref_is_left_out(
     result = compile_(
         server("web-http"),
         mtls_auth("fe-id", identities=[ident("fe")]),
-        net_auth("office", "192.168.0.0/16"),
+        net_auth("office", {"cidr": "192.168.0.0/16"}),
         policy("half", [{"kind": "MeshTLSAuthentication", "name": "fe-id"}, ref]),
         policy("fine", [{"kind": "MeshTLSAuthentication", "name": "fe-id"}]),
     )
@@ -618,7 +504,7 @@ def test_server_authorization_without_server_ref_is_refused() -> None:
         server=ref, client=resources.Client.model_validate({"unauthenticated": True})
     )
     sa = resources.ServerAuthorization.model_construct(
-        metadata=resources.Meta.model_validate(_meta("nowhere")), spec=spec
+        metadata=resources.Meta.model_validate(meta("nowhere")), spec=spec
     )
     result = compile_(server("web-http"), sa)
     c = cond(result, "ServerAuthorization", "nowhere")
@@ -681,7 +567,6 @@ def test_namespace_default_policy(
 
 
 def test_pods_in_document() -> None:
-    note = "config.meshward.io/default-inbound-policy"
     result = compile_(
         pods=[
             pod(
@@ -689,8 +574,8 @@ def test_pods_in_document() -> None:
                 ports={"http": 8080},
                 probes=[(8081, "/ready"), (8081, "/healthz"), (8081, "/ready")],
             ),
-            pod("web-1", annotations={note: "all-authenticated"}),
-            pod("web-2", annotations={note: "wide-open"}),
+            pod("web-1", default="all-authenticated"),
+            pod("web-2", default="wide-open"),
             pod("agent", host_network=True),
         ]
     )
@@ -767,7 +652,7 @@ def _root_peer(
     if selector is not None:
         spec["selector"] = selector
     return resources.PeerAuthentication.model_validate(
-        {"metadata": _meta(name, created, "meshward"), "spec": spec}
+        {"metadata": meta(name, created=created, ns="meshward"), "spec": spec}
     )
 
 
@@ -856,7 +741,12 @@ def _random_state(rng: random.Random) -> NamespaceState:
     items: list[resources.PolicyResource] = []
     for n in rng.sample(names, rng.randrange(0, 4)):
         items.append(
-            server(f"s-{n}", rng.choice((8080, 9090, "http")), rng.choice(apps), rng.choice(times))
+            server(
+                f"s-{n}",
+                rng.choice((8080, 9090, "http")),
+                rng.choice(apps),
+                created=rng.choice(times),
+            )
         )
     for n in rng.sample(names, rng.randrange(0, 4)):
         if rng.random() < 0.5:
@@ -890,7 +780,7 @@ def _random_state(rng: random.Random) -> NamespaceState:
     for n in rng.sample(names, rng.randrange(0, 3)):
         items.append(mtls_auth(f"auth-{n}", identities=[ident(rng.choice(["fe", "be"]))]))
     for n in rng.sample(names, rng.randrange(0, 3)):
-        items.append(net_auth(f"auth-{n}", rng.choice(["10.0.0.0/8", "192.168.0.0/16"])))
+        items.append(net_auth(f"auth-{n}", {"cidr": rng.choice(["10.0.0.0/8", "192.168.0.0/16"])}))
     for n in rng.sample(names, rng.randrange(0, 3)):
         app = rng.choice([None, *apps])
         items.append(
@@ -898,7 +788,7 @@ def _random_state(rng: random.Random) -> NamespaceState:
                 f"pa-{n}",
                 rng.choice(["STRICT", "PERMISSIVE", "DISABLE", "UNSET"]),
                 app,
-                rng.choice(times),
+                created=rng.choice(times),
             )
         )
     return state(

@@ -6,123 +6,44 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from meshward.policy import compiled, resources, workload
-from meshward.policy.compile import NamespaceState, Settings, compile_namespace
+from meshward.policy.compile import Settings, compile_namespace
 from meshward.policy.decision import Client, Decision, Destination, Policy, Request, decide
 from meshward.policy.resources import DefaultPolicy, MTLSMode
+from tests.builders import (
+    CREATED,
+    NS,
+    TD,
+    WEB,
+    authz,
+    ident,
+    meta,
+    mtls_auth,
+    net_auth,
+    peer,
+    pod,
+    policy,
+    server,
+    state,
+)
 
-NS = "app"
-TD = "cluster.local"
-OLD, NEW = "2024-01-01T00:00:00Z", "2024-06-01T00:00:00Z"
-
-
-def ident(sa: str, ns: str = NS) -> str:
-    return f"{sa}.{ns}.serviceaccount.identity.meshward.{TD}"
+OLD, NEW = CREATED, "2024-06-01T00:00:00Z"
 
 
 def spiffe(sa: str, ns: str = NS, td: str = TD) -> str:
     return f"spiffe://{td}/ns/{ns}/sa/{sa}"
 
 
-# -- resource builders (what a user would apply) ---------------------------------------------
-
-
-def _meta(name: str, ns: str = NS, created: str | None = OLD, **labels: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": labels}
-    if created:
-        meta["creationTimestamp"] = created
-    return meta
-
-
-def server(name: str, port: int | str, app: str = "web", access: str = "deny") -> resources.Server:
-    return resources.Server.model_validate(
-        {
-            "metadata": _meta(name),
-            "spec": {
-                "podSelector": {"matchLabels": {"app": app}},
-                "port": port,
-                "accessPolicy": access,
-            },
-        }
-    )
-
-
-def authz(
-    name: str, client: dict[str, Any], srv: str = "web-http"
-) -> resources.ServerAuthorization:
-    return resources.ServerAuthorization.model_validate(
-        {"metadata": _meta(name), "spec": {"server": {"name": srv}, "client": client}}
-    )
+# -- resource builders (what a user would apply; the shared ones are in tests.builders) -------
 
 
 def authz_ids(*patterns: str) -> resources.ServerAuthorization:
     return authz("allow", {"meshTLS": {"identities": list(patterns)}})
-
-
-def policy(
-    name: str, refs: list[dict[str, str]], target: str = "web-http", kind: str = "Server"
-) -> resources.AuthorizationPolicy:
-    return resources.AuthorizationPolicy.model_validate(
-        {
-            "metadata": _meta(name),
-            "spec": {
-                "targetRef": {"kind": kind, "name": target},
-                "requiredAuthenticationRefs": refs,
-            },
-        }
-    )
-
-
-def mtls_auth(name: str, **spec: Any) -> resources.MeshTLSAuthentication:
-    return resources.MeshTLSAuthentication.model_validate({"metadata": _meta(name), "spec": spec})
-
-
-def net_auth(name: str, *networks: dict[str, Any]) -> resources.NetworkAuthentication:
-    return resources.NetworkAuthentication.model_validate(
-        {"metadata": _meta(name), "spec": {"networks": list(networks)}}
-    )
-
-
-def peer(
-    name: str,
-    mode: str = "UNSET",
-    app: str | None = None,
-    ports: Mapping[str, str] | None = None,
-    created: str = OLD,
-    ns: str = NS,
-) -> resources.PeerAuthentication:
-    spec: dict[str, Any] = {"mtls": {"mode": mode}}
-    if app:
-        spec["selector"] = {"matchLabels": {"app": app}}
-    if ports:
-        spec["portLevelMtls"] = {p: {"mode": m} for p, m in ports.items()}
-    return resources.PeerAuthentication.model_validate(
-        {"metadata": _meta(name, ns=ns, created=created), "spec": spec}
-    )
-
-
-def pod(
-    name: str,
-    app: str,
-    ports: Mapping[str, int] | None = None,
-    probes: tuple[tuple[int, str], ...] = (),
-    default: str | None = None,
-) -> workload.Pod:
-    return workload.Pod(
-        name=name,
-        labels={"app": app},
-        annotations={workload.DEFAULT_POLICY_ANNOTATION: default} if default else {},
-        ports=dict(ports or {}),
-        probes=tuple(workload.HTTPProbe(port, path) for port, path in probes),
-    )
-
-
-WEB = pod("web-0", "web", {"http": 8080})
 
 
 def build(
@@ -133,23 +54,9 @@ def build(
     mesh: tuple[resources.PeerAuthentication, ...] = (),
 ) -> Policy:
     """Compile one namespace from these resources and index it."""
-
-    def of(kind: type[Any]) -> list[Any]:
-        return [i for i in items if isinstance(i, kind)]
-
-    state = NamespaceState(
-        namespace=NS,
-        annotations={workload.DEFAULT_POLICY_ANNOTATION: ns_default} if ns_default else {},
-        pods=pods,
-        servers=of(resources.Server),
-        server_authorizations=of(resources.ServerAuthorization),
-        authorization_policies=of(resources.AuthorizationPolicy),
-        mesh_tls_authentications=of(resources.MeshTLSAuthentication),
-        network_authentications=of(resources.NetworkAuthentication),
-        peer_authentications=of(resources.PeerAuthentication),
-        mesh_peer_authentications=mesh,
-    )
-    return Policy(compile_namespace(state, Settings(default_policy=default)).document)
+    annotations = {workload.DEFAULT_POLICY_ANNOTATION: ns_default} if ns_default else {}
+    st = state(*items, pods=pods, annotations=annotations, mesh=mesh)
+    return Policy(compile_namespace(st, Settings(default_policy=default)).document)
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -1011,7 +918,7 @@ def test_labels_only_named_port_server_decides_and_says_why() -> None:
 
 def _named_server(name: str, port: str, selector: dict[str, Any]) -> resources.Server:
     return resources.Server.model_validate(
-        {"metadata": _meta(name), "spec": {"podSelector": selector, "port": port}}
+        {"metadata": meta(name), "spec": {"podSelector": selector, "port": port}}
     )
 
 
