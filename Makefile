@@ -4,12 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help venv control-plane lint test unit bench demo clean
+.PHONY: help venv control-plane lint test unit bench proto demo clean
 
 help:
 	@echo "make test    set up .venv and the local control plane, lint, run the whole suite"
 	@echo "make bench   benchmarks (policy compile/decide, apply-to-ConfigMap latency)"
 	@echo "make lint    ruff and mypy only"
+	@echo "make proto   regenerate the gRPC stubs from meshward/identity/_proto/identity.proto"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +37,9 @@ bench: venv control-plane
 	$(PY) bench/bench_policy.py
 	$(PY) bench/bench_apply.py
 	$(PY) bench/bench_devcluster.py
+
+proto: venv
+	$(PY) -m meshward.identity._proto.generate
 
 demo:
 	@echo "make demo (the namespace-jail lockdown) is not built yet: it arrives with issue 7." >&2
