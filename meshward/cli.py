@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     _settings.add_arguments(op)
     op.set_defaults(func=_operator)
 
+    identity = sub.add_parser("identity", help="the identity service and its trust material")
+    from meshward.identity import commands as identity_commands
+
+    identity_commands.add_arguments(identity)
+
     policy = sub.add_parser("policy", help="inspect compiled policy")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     explain = policy_sub.add_parser(

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from kubernetes import client
@@ -90,6 +90,16 @@ def wait_document(
         return doc if doc is not None and check(doc) else None
 
     return wait_for(f"{what} in namespace {namespace}", probe, timeout)
+
+
+def read_kubeconfig(path: pathlib.Path) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    return data
+
+
+def write_kubeconfig(path: pathlib.Path, config: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
 
 
 def pod_manifest(

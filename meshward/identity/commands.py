@@ -1,0 +1,273 @@
+"""``meshward identity init | inspect | serve``: the command-line face of the identity service.
+
+``init`` makes a trust anchor and an issuer signed by it, into files (the layout the service
+reads) or into the cluster as the Secret and ConfigMap the service mounts. ``inspect`` prints a
+chain and whether it verifies against the anchors. ``serve`` runs the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import logging
+import os
+import pathlib
+import re
+from typing import Any
+
+from cryptography import x509
+
+from meshward import errors
+from meshward.identity import authority, pki
+
+ISSUER_SECRET = "meshward-identity-issuer"
+ANCHOR_SECRET = "meshward-identity-trust-anchor"
+TRUST_ROOTS = "meshward-identity-trust-roots"
+_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def duration(text: str) -> datetime.timedelta:
+    """``90d``, ``24h``, ``30m``, ``45s``."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 24h or 90d")
+    return datetime.timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
+    env = os.environ.get
+
+    init = sub.add_parser("init", help="create a trust anchor and an issuer signed by it")
+    where = init.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=pathlib.Path, help="write files into this directory")
+    where.add_argument(
+        "--namespace", help="write the Secrets and ConfigMap into this (control-plane) namespace"
+    )
+    init.add_argument("--trust-domain", default=env("MESHWARD_TRUST_DOMAIN", "cluster.local"))
+    init.add_argument("--anchor-lifetime", type=duration, default=duration("365d"))
+    init.add_argument("--issuer-lifetime", type=duration, default=duration("90d"))
+    init.add_argument("--force", action="store_true", help="replace existing trust material")
+    init.set_defaults(func=_init)
+
+    inspect = sub.add_parser("inspect", help="print a certificate chain and check it")
+    inspect.add_argument("file", type=pathlib.Path, help="PEM: leaf first, then intermediates")
+    inspect.add_argument(
+        "--anchors", type=pathlib.Path, help="trust anchors (PEM) to verify the chain against"
+    )
+    inspect.set_defaults(func=_inspect)
+
+    serve = sub.add_parser("serve", help="run the identity service")
+    serve.add_argument("--trust-domain", default=env("MESHWARD_TRUST_DOMAIN", "cluster.local"))
+    serve.add_argument(
+        "--issuer-dir",
+        type=pathlib.Path,
+        default=pathlib.Path(
+            env("MESHWARD_IDENTITY_ISSUER_DIR", "/var/run/meshward/identity/issuer")
+        ),
+        help="holds tls.crt and tls.key (the mounted issuer Secret)",
+    )
+    serve.add_argument(
+        "--trust-anchors",
+        type=pathlib.Path,
+        default=pathlib.Path(
+            env(
+                "MESHWARD_IDENTITY_TRUST_ANCHORS",
+                "/var/run/meshward/identity/trust-roots/ca-bundle.crt",
+            )
+        ),
+        help="PEM bundle (the mounted trust-roots ConfigMap's ca-bundle.crt)",
+    )
+    serve.add_argument("--addr", default=env("MESHWARD_IDENTITY_ADDR", "0.0.0.0:8080"))
+    serve.add_argument(
+        "--admin-addr", default=env("MESHWARD_IDENTITY_ADMIN_ADDR", "127.0.0.1:9990")
+    )
+    serve.add_argument(
+        "--server-name",
+        action="append",
+        help="DNS name in the serving certificate (repeatable; default: localhost and the "
+        "service's mesh identity name)",
+    )
+    serve.add_argument("--lifetime", type=duration, default=duration("24h"), help="leaf lifetime")
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug log per issuance")
+    serve.set_defaults(func=_serve)
+
+
+def _init(args: argparse.Namespace) -> int:
+    anchor, anchor_key = pki.new_trust_anchor(args.trust_domain, args.anchor_lifetime)
+    issuer, issuer_key = pki.new_issuer(anchor, anchor_key, args.trust_domain, args.issuer_lifetime)
+    files = {
+        authority.ANCHORS: pki.to_pem(anchor),
+        authority.ISSUER_CERT: pki.to_pem(issuer),
+        authority.ISSUER_KEY: pki.key_to_pem(issuer_key),
+        "anchor.key": pki.key_to_pem(anchor_key),
+    }
+    if args.out is not None:
+        out: pathlib.Path = args.out
+        existing = [n for n in files if (out / n).exists()]
+        if existing and not args.force:
+            raise errors.ConfigError(
+                f"{out} already holds {', '.join(existing)}; pass --force to replace them"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            path = out / name
+            fd = os.open(
+                path,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                0o600 if name.endswith(".key") else 0o644,
+            )
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        print(f"trust anchor and issuer written to {out}")
+        print(f"  {authority.ANCHORS}: the trust anchor (give it to proxies)")
+        print(f"  {authority.ISSUER_CERT}, {authority.ISSUER_KEY}: the issuer (identity service)")
+        print("  anchor.key: the anchor's private key: keep it offline; it signs future issuers")
+    else:
+        _init_cluster(args, files)
+    expiry = "%Y-%m-%d"
+    print(
+        f"anchor expires {anchor.not_valid_after_utc:{expiry}}, "
+        f"issuer {issuer.not_valid_after_utc:{expiry}}"
+    )
+    return 0
+
+
+def _init_cluster(args: argparse.Namespace, files: dict[str, bytes]) -> None:
+    from kubernetes import client, config
+    from kubernetes.client import exceptions
+
+    config.load_kube_config()  # type: ignore[no-untyped-call]
+    core = client.CoreV1Api()
+    ns = args.namespace
+
+    def secret(name: str, cert: str, key: str) -> client.V1Secret:
+        return client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name, namespace=ns),
+            type="kubernetes.io/tls",
+            string_data={"tls.crt": files[cert].decode(), "tls.key": files[key].decode()},
+        )
+
+    secrets = [
+        (ISSUER_SECRET, secret(ISSUER_SECRET, authority.ISSUER_CERT, authority.ISSUER_KEY)),
+        (ANCHOR_SECRET, secret(ANCHOR_SECRET, authority.ANCHORS, "anchor.key")),
+    ]
+    roots = client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name=TRUST_ROOTS, namespace=ns),
+        data={authority.ANCHORS: files[authority.ANCHORS].decode()},
+    )
+
+    def missing(read: Any, name: str) -> bool:
+        try:
+            read(name, ns)
+        except exceptions.ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise
+        return False
+
+    try:
+        existing = [
+            f"secret/{name}"
+            for name, _ in secrets
+            if not missing(core.read_namespaced_secret, name)
+        ]
+        if not missing(core.read_namespaced_config_map, TRUST_ROOTS):
+            existing.append(f"configmap/{TRUST_ROOTS}")
+        if existing and not args.force:
+            raise errors.ConfigError(
+                f"namespace {ns} already holds {', '.join(existing)}; pass --force to replace "
+                "the trust material"
+            )
+        for name, body in secrets:
+            if missing(core.read_namespaced_secret, name):
+                core.create_namespaced_secret(ns, body)
+            else:
+                core.replace_namespaced_secret(name, ns, body)
+            print(f"secret/{name} written in namespace {ns}")
+        if missing(core.read_namespaced_config_map, TRUST_ROOTS):
+            core.create_namespaced_config_map(ns, roots)
+        else:
+            core.replace_namespaced_config_map(TRUST_ROOTS, ns, roots)
+        print(f"configmap/{TRUST_ROOTS} written in namespace {ns}")
+    except exceptions.ApiException as exc:
+        raise errors.ConfigError(f"writing trust material to namespace {ns}: {exc.reason}") from exc
+
+
+def _describe(cert: x509.Certificate, now: datetime.datetime) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    left = cert.not_valid_after_utc - now
+    return [
+        f"subject:   {cert.subject.rfc4514_string() or '(empty)'}",
+        f"issuer:    {cert.issuer.rfc4514_string()}",
+        f"spiffe id: {pki.spiffe_id(cert) or '-'}",
+        f"dns names: {', '.join(dns) or '-'}",
+        f"valid:     {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} .. "
+        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC "
+        f"({left.total_seconds() / 86400:.1f} days left"
+        f"{', EXPIRED' if left.total_seconds() < 0 else ''})",
+        f"ca:        {'yes' if ca else 'no'}",
+    ]
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        chain = pki.load_certificates(args.file.read_bytes())
+    except OSError as exc:
+        raise errors.ConfigError(f"can not read {args.file}: {exc}") from exc
+    now = datetime.datetime.now(datetime.UTC)
+    for i, cert in enumerate(chain):
+        print(f"[{i}] {'leaf' if i == 0 else 'intermediate'}")
+        for line in _describe(cert, now):
+            print(f"    {line}")
+    if args.anchors is None:
+        print("chain: not verified (pass --anchors FILE to check it against trust anchors)")
+        return 0
+    anchors = pki.load_certificates(args.anchors.read_bytes())
+    try:
+        pki.verify_chain(chain[0], chain[1:], anchors, now=now)
+    except errors.UntrustedChain as exc:
+        print(f"chain: does NOT verify against {args.anchors}: {exc}")
+        return 2
+    print(f"chain: verifies against {args.anchors} ({len(anchors)} anchor(s))")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from meshward.identity import server
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Only our own loggers go to debug: the API client's debug log prints request bodies, and a
+    # TokenReview's body is the token.
+    logging.getLogger("meshward").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
+    names = tuple(
+        args.server_name
+        or (
+            "localhost",
+            f"meshward-identity.meshward.serviceaccount.identity.meshward.{args.trust_domain}",
+        )
+    )
+    settings = server.Settings(
+        trust_domain=args.trust_domain,
+        issuer_dir=args.issuer_dir,
+        anchors_file=args.trust_anchors,
+        address=args.addr,
+        admin_address=args.admin_addr,
+        server_names=names,
+        lifetime=args.lifetime,
+    )
+    asyncio.run(server.serve(settings))
+    return 0

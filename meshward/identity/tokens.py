@@ -1,0 +1,115 @@
+"""Who sent this token? The TokenReview API answers; nothing else in meshward decides it.
+
+A proxy's projected ServiceAccount token is minted for the audience ``identity.meshward.io``, so
+a token stolen from another system (minted for another audience) does not work here, and a token
+for this audience is useless to anything else. The token itself is never logged or kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import aiohttp
+from kubernetes_asyncio import client
+
+from meshward import errors
+from meshward.policy import resources
+
+AUDIENCE = "identity.meshward.io"
+USER_PREFIX = "system:serviceaccount:"
+REVIEW_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceAccount:
+    """The ServiceAccount a token authenticates."""
+
+    namespace: str
+    name: str
+
+
+def parse_username(username: str) -> ServiceAccount:
+    """``system:serviceaccount:<ns>:<sa>`` -> ServiceAccount; TokenRejected for anything else."""
+    if not username.startswith(USER_PREFIX):
+        raise errors.TokenRejected(
+            f"the token authenticates {username!r}, not a ServiceAccount: use the pod's "
+            f"projected ServiceAccount token for audience {AUDIENCE}"
+        )
+    parts = username[len(USER_PREFIX) :].split(":")
+    if len(parts) != 2 or not all(resources.is_dns_label(p) for p in parts):
+        raise errors.TokenRejected(
+            f"the token's user {username!r} does not name a namespace and ServiceAccount "
+            "that are DNS-1123 labels"
+        )
+    return ServiceAccount(namespace=parts[0], name=parts[1])
+
+
+class Reviewer:
+    """Asks the API server who a token belongs to (TokenReview, authentication.k8s.io/v1)."""
+
+    def __init__(self, api: client.ApiClient, audience: str = AUDIENCE) -> None:
+        self._auth = client.AuthenticationV1Api(api)
+        self._authz = client.AuthorizationV1Api(api)
+        self._host = api.configuration.host
+        self.audience = audience
+
+    async def review(self, token: str) -> ServiceAccount:
+        """The ServiceAccount ``token`` authenticates for our audience.
+
+        Raises TokenRejected (unauthenticated, wrong audience, expired, deleted account) or
+        ClusterUnreachable (the API server did not answer, or failed).
+        """
+        if not token:
+            raise errors.TokenRejected("no token: send the pod's projected ServiceAccount token")
+        body = client.V1TokenReview(
+            spec=client.V1TokenReviewSpec(token=token, audiences=[self.audience])
+        )
+        try:
+            result = await self._auth.create_token_review(body, _request_timeout=REVIEW_TIMEOUT)
+        except client.exceptions.ApiException as exc:
+            raise errors.ClusterUnreachable(
+                f"TokenReview failed at {self._host}: HTTP {exc.status} {exc.reason}"
+            ) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise errors.ClusterUnreachable(
+                f"the API server at {self._host} did not answer the TokenReview: "
+                f"{type(exc).__name__} {exc}"
+            ) from exc
+        status = result.status
+        if status is None or not status.authenticated:
+            reason = (status.error if status is not None else None) or "not authenticated"
+            raise errors.TokenRejected(
+                f"the API server rejected the token ({reason}); mint a fresh projected "
+                f"ServiceAccount token for audience {self.audience}"
+            )
+        if self.audience not in (status.audiences or []):
+            raise errors.TokenRejected(f"the token is not valid for audience {self.audience}")
+        return parse_username(status.user.username if status.user else "")
+
+    async def check_permission(self) -> None:
+        """Refuse to start without RBAC to create TokenReviews, and say what to grant."""
+        review = client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(
+                    group="authentication.k8s.io", resource="tokenreviews", verb="create"
+                )
+            )
+        )
+        try:
+            result = await self._authz.create_self_subject_access_review(
+                review, _request_timeout=REVIEW_TIMEOUT
+            )
+        except client.exceptions.ApiException as exc:
+            raise errors.ClusterUnreachable(
+                f"SelfSubjectAccessReview failed at {self._host}: HTTP {exc.status} {exc.reason}"
+            ) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise errors.ClusterUnreachable(
+                f"the API server at {self._host} did not answer: {type(exc).__name__} {exc}"
+            ) from exc
+        if not (result.status and result.status.allowed):
+            raise errors.ConfigError(
+                "the identity service may not create TokenReviews: bind its ServiceAccount to a "
+                "ClusterRole with the rule {apiGroups: [authentication.k8s.io], "
+                "resources: [tokenreviews], verbs: [create]}"
+            )
