@@ -99,7 +99,7 @@ def main() -> int:
                 csr, _ = its.make_csr()
                 clients.append((its.name(sa, NS), its.token_for(core, NS, sa), csr))
             trust = its.init_trust(d / "trust")
-            svc = its.IdentityService(cluster.kubeconfig, trust, d / "identity.log")
+            svc = its.IdentityService(cluster.kubeconfig, trust, d / "identity.log", verbose=False)
             svc.start()
             rates, p50s, p99s = [], [], []
             for run in range(args.runs):

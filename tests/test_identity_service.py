@@ -45,8 +45,11 @@ def meshward(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 class IdentityService:
     """``meshward identity serve`` in its own process, as a pod would run it."""
 
-    def __init__(self, kubeconfig: pathlib.Path, trust: pathlib.Path, log: pathlib.Path) -> None:
+    def __init__(
+        self, kubeconfig: pathlib.Path, trust: pathlib.Path, log: pathlib.Path, verbose: bool = True
+    ) -> None:
         self.kubeconfig, self.trust, self.log = kubeconfig, trust, log
+        self.verbose = verbose
         self.port, self.admin_port = kubetest.free_port(), kubetest.free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -59,7 +62,7 @@ class IdentityService:
                 "meshward",
                 "identity",
                 "serve",
-                "--verbose",
+                *(["--verbose"] if self.verbose else []),
                 "--issuer-dir",
                 str(self.trust),
                 "--trust-anchors",
