@@ -37,6 +37,7 @@ bench: venv control-plane
 	$(PY) bench/bench_policy.py
 	$(PY) bench/bench_apply.py
 	$(PY) bench/bench_devcluster.py
+	$(PY) bench/bench_identity.py
 
 proto: venv
 	$(PY) -m meshward.identity._proto.generate
