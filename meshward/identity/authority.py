@@ -27,6 +27,8 @@ from meshward.identity import csr, pki, tokens
 logger = logging.getLogger(__name__)
 
 ISSUER_CERT, ISSUER_KEY, ANCHORS = "tls.crt", "tls.key", "ca-bundle.crt"
+MAX_IDENTITY = 253
+"""A DNS name's limit: longer requests are refused before anything echoes them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Authority:
         self,
         material: TrustMaterial,
         trust_domain: str,
-        lifetime: datetime.timedelta = datetime.timedelta(hours=24),
+        lifetime: datetime.timedelta = pki.DEFAULT_LEAF_LIFETIME,
     ) -> None:
         self.material = material
         self.trust_domain = trust_domain
@@ -86,6 +88,11 @@ async def certify(
     authority: Authority, reviewer: tokens.Reviewer, identity: str, token: bytes, request: bytes
 ) -> Issued:
     """The Certify flow; raises an IdentityError subclass or ClusterUnreachable."""
+    if len(identity) > MAX_IDENTITY:
+        raise errors.InvalidIdentity(
+            f"the identity is {len(identity)} characters long; a mesh identity name is at most "
+            f"{MAX_IDENTITY}"
+        )
     wanted = pki.Identity.parse(identity, authority.trust_domain)
     parsed = csr.parse(request)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import logging
 import os
 import pathlib
@@ -17,6 +18,7 @@ import re
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from meshward import errors
 from meshward.identity import authority, pki
@@ -25,15 +27,34 @@ ISSUER_SECRET = "meshward-identity-issuer"
 ANCHOR_SECRET = "meshward-identity-trust-anchor"
 TRUST_ROOTS = "meshward-identity-trust-roots"
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+MAX_DURATION = datetime.timedelta(days=36500)
 
 
 def duration(text: str) -> datetime.timedelta:
-    """``90d``, ``24h``, ``30m``, ``45s``."""
+    """``90d``, ``24h``, ``30m``, ``45s``: more than zero, at most 100 years."""
     m = _DURATION.match(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 24h or 90d")
-    return datetime.timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    seconds = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if not 0 < seconds <= MAX_DURATION.total_seconds():
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than zero and at most 36500d")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _write_private(path: pathlib.Path, data: bytes, mode: int) -> None:
+    """Write ``path`` whole or not at all, with ``mode`` from the first byte (never widened by
+    an existing file's mode, never through a symlink)."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,16 +102,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PEM bundle (the mounted trust-roots ConfigMap's ca-bundle.crt)",
     )
     serve.add_argument("--addr", default=env("MESHWARD_IDENTITY_ADDR", "0.0.0.0:8080"))
-    serve.add_argument(
-        "--admin-addr", default=env("MESHWARD_IDENTITY_ADMIN_ADDR", "127.0.0.1:9990")
-    )
+    serve.add_argument("--admin-addr", default=env("MESHWARD_IDENTITY_ADMIN_ADDR", "0.0.0.0:9990"))
     serve.add_argument(
         "--server-name",
         action="append",
         help="DNS name in the serving certificate (repeatable; default: localhost and the "
         "service's mesh identity name)",
     )
-    serve.add_argument("--lifetime", type=duration, default=duration("24h"), help="leaf lifetime")
+    serve.add_argument(
+        "--lifetime", type=duration, default=pki.DEFAULT_LEAF_LIFETIME, help="leaf lifetime"
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="debug log per issuance")
     serve.set_defaults(func=_serve)
 
@@ -113,14 +134,7 @@ def _init(args: argparse.Namespace) -> int:
             )
         out.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
-            path = out / name
-            fd = os.open(
-                path,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                0o600 if name.endswith(".key") else 0o644,
-            )
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            _write_private(out / name, data, 0o600 if name.endswith(".key") else 0o644)
         print(f"trust anchor and issuer written to {out}")
         print(f"  {authority.ANCHORS}: the trust anchor (give it to proxies)")
         print(f"  {authority.ISSUER_CERT}, {authority.ISSUER_KEY}: the issuer (identity service)")
@@ -220,22 +234,70 @@ def _describe(cert: x509.Certificate, now: datetime.datetime) -> list[str]:
     ]
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _read(path: pathlib.Path) -> bytes:
     try:
-        chain = pki.load_certificates(args.file.read_bytes())
+        return path.read_bytes()
     except OSError as exc:
-        raise errors.ConfigError(f"can not read {args.file}: {exc}") from exc
+        raise errors.ConfigError(f"can not read {path}: {exc.strerror}") from exc
+
+
+def _load_chain(data: bytes, path: pathlib.Path) -> list[x509.Certificate]:
+    """PEM (one or more certificates) or DER (one, as Certify returns it)."""
+    if b"-----BEGIN" in data:
+        return pki.load_certificates(data, what=str(path))
+    try:
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise errors.ConfigError(f"{path} holds no PEM or DER certificate") from exc
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _verify_ca_chain(
+    chain: list[x509.Certificate], anchors: list[x509.Certificate], now: datetime.datetime
+) -> None:
+    """An issuer chain (no leaf): each certificate signed by the next, the last by an anchor."""
+    for cert in chain:
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise errors.UntrustedChain(f"{cert.subject.rfc4514_string()} is not valid now")
+    for child, parent in itertools.pairwise(chain):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise errors.UntrustedChain(
+                f"{child.subject.rfc4514_string()} is not signed by the next certificate"
+            ) from exc
+    for anchor in anchors:
+        try:
+            chain[-1].verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return
+    raise errors.UntrustedChain("the last certificate is not signed by any of the anchors")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    chain = _load_chain(_read(args.file), args.file)
     now = datetime.datetime.now(datetime.UTC)
     for i, cert in enumerate(chain):
-        print(f"[{i}] {'leaf' if i == 0 else 'intermediate'}")
+        role = "CA" if _is_ca(cert) else "leaf"
+        print(f"[{i}] {role if i == 0 else 'intermediate'}")
         for line in _describe(cert, now):
             print(f"    {line}")
     if args.anchors is None:
         print("chain: not verified (pass --anchors FILE to check it against trust anchors)")
         return 0
-    anchors = pki.load_certificates(args.anchors.read_bytes())
+    anchors = pki.load_certificates(_read(args.anchors), what=str(args.anchors))
     try:
-        pki.verify_chain(chain[0], chain[1:], anchors, now=now)
+        if _is_ca(chain[0]):
+            _verify_ca_chain(chain, anchors, now)
+        else:
+            pki.verify_chain(chain[0], chain[1:], anchors, now=now)
     except errors.UntrustedChain as exc:
         print(f"chain: does NOT verify against {args.anchors}: {exc}")
         return 2
@@ -253,13 +315,8 @@ def _serve(args: argparse.Namespace) -> int:
     # TokenReview's body is the token.
     logging.getLogger("meshward").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
-    names = tuple(
-        args.server_name
-        or (
-            "localhost",
-            f"meshward-identity.meshward.serviceaccount.identity.meshward.{args.trust_domain}",
-        )
-    )
+    own = pki.Identity("meshward", "meshward-identity", args.trust_domain)
+    names = tuple(args.server_name or ("localhost", own.dns_name))
     settings = server.Settings(
         trust_domain=args.trust_domain,
         issuer_dir=args.issuer_dir,

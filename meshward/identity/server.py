@@ -40,10 +40,10 @@ class Settings:
     issuer_dir: pathlib.Path
     anchors_file: pathlib.Path
     address: str = "0.0.0.0:8080"
-    admin_address: str = "127.0.0.1:9990"
+    admin_address: str = "0.0.0.0:9990"
     server_names: tuple[str, ...] = ("localhost",)
     """DNS SANs of the serving certificate (gRPC clients check one against the target name)."""
-    lifetime: datetime.timedelta = datetime.timedelta(hours=24)
+    lifetime: datetime.timedelta = pki.DEFAULT_LEAF_LIFETIME
 
 
 class Metrics:
@@ -111,7 +111,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
             code = status_for(exc)
             self._metrics.issued.labels(result=code.name.lower()).inc()
             self._metrics.latency.observe(time.perf_counter() - start)
-            logger.info("certify %r refused: %s: %s", request.identity, code.name, exc)
+            logger.info("certify %r refused: %s: %s", request.identity[:256], code.name, exc)
             await context.abort(code, str(exc))
             raise  # abort raises; this line is never reached
         self._metrics.issued.labels(result="ok").inc()
@@ -131,23 +131,34 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         )
 
 
+SERVING_LIFETIME = datetime.timedelta(hours=24)
+
+
 class _ServingCertificate:
-    """The service's own TLS certificate, re-issued whenever the issuer changes."""
+    """The service's own TLS certificate: re-issued when the issuer changes, and when half of
+    its life has passed (it is short-lived like any leaf, and must never lapse)."""
 
     def __init__(self, settings: Settings, material: authority.TrustMaterial) -> None:
         self._settings = settings
+        self.renew_at = datetime.datetime.now(datetime.UTC)
         self.current = self._issue(material)
         self._pending: grpc.ServerCertificateConfiguration | None = None
 
     def _issue(self, material: authority.TrustMaterial) -> grpc.ServerCertificateConfiguration:
         cert, key = pki.new_server_certificate(
-            material.issuer, self._settings.server_names, self._settings.lifetime
+            material.issuer, self._settings.server_names, SERVING_LIFETIME
+        )
+        self.renew_at = (
+            cert.not_valid_before_utc + (cert.not_valid_after_utc - cert.not_valid_before_utc) / 2
         )
         chain = pki.to_pem(cert, material.issuer.certificate, *material.issuer.chain)
         return grpc.ssl_server_certificate_configuration([(pki.key_to_pem(key), chain)])
 
     def replace(self, material: authority.TrustMaterial) -> None:
         self._pending = self.current = self._issue(material)
+
+    def due(self) -> bool:
+        return datetime.datetime.now(datetime.UTC) >= self.renew_at
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by grpc on each new connection: the new configuration once, then None."""
@@ -234,6 +245,7 @@ async def start(settings: Settings) -> Running:
     ready.set()
 
     async def reload() -> None:
+        serving_status = health_pb2.HealthCheckResponse.SERVING
         while True:
             await asyncio.sleep(RELOAD_INTERVAL)
             fresh = source.changed()
@@ -241,6 +253,25 @@ async def start(settings: Settings) -> Running:
                 ca.material = fresh
                 serving.replace(fresh)
                 metrics.issuer_expiry.set(fresh.issuer.certificate.not_valid_after_utc.timestamp())
+            elif serving.due():
+                serving.replace(ca.material)
+            expired = ca.material.issuer.certificate.not_valid_after_utc <= datetime.datetime.now(
+                datetime.UTC
+            )
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if expired
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            if status != serving_status:
+                serving_status = status
+                if expired:
+                    logger.error("the issuer has expired: Certify fails until a new one is mounted")
+                    ready.clear()
+                else:
+                    ready.set()
+                await health_servicer.set(SERVICE, status)
+                await health_servicer.set("", status)
 
     task = asyncio.get_running_loop().create_task(reload())
     logger.info(

@@ -20,6 +20,10 @@ from meshward.policy import resources
 AUDIENCE = "identity.meshward.io"
 USER_PREFIX = "system:serviceaccount:"
 REVIEW_TIMEOUT = 5.0
+RBAC_HINT = (
+    "bind its ServiceAccount to a ClusterRole with the rule "
+    "{apiGroups: [authentication.k8s.io], resources: [tokenreviews], verbs: [create]}"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +88,26 @@ class Reviewer:
                 f"the API server at {self._host} did not answer the TokenReview: "
                 f"{type(exc).__name__} {exc}"
             ) from exc
+        if response.status == 403:
+            raise errors.ClusterUnreachable(
+                f"the API server at {self._host} forbids this service to create TokenReviews: "
+                f"{RBAC_HINT}"
+            )
         if not 200 <= response.status <= 299:
             raise errors.ClusterUnreachable(
                 f"TokenReview failed at {self._host}: HTTP {response.status} {response.reason}"
             )
         try:
-            status = json.loads(payload).get("status") or {}
-        except (ValueError, AttributeError) as exc:
+            review = json.loads(payload)
+        except ValueError as exc:
             raise errors.ClusterUnreachable(
                 f"the API server at {self._host} sent an unreadable TokenReview"
             ) from exc
+        status = review.get("status") if isinstance(review, dict) else None
+        if not isinstance(status, dict):
+            raise errors.ClusterUnreachable(
+                f"the API server at {self._host} sent a TokenReview without a status"
+            )
         if not status.get("authenticated"):
             reason = status.get("error") or "not authenticated"
             raise errors.TokenRejected(
@@ -102,7 +116,8 @@ class Reviewer:
             )
         if self.audience not in (status.get("audiences") or []):
             raise errors.TokenRejected(f"the token is not valid for audience {self.audience}")
-        return parse_username(str((status.get("user") or {}).get("username", "")))
+        user = status.get("user")
+        return parse_username(str(user.get("username", "")) if isinstance(user, dict) else "")
 
     async def check_permission(self) -> None:
         """Refuse to start without RBAC to create TokenReviews, and say what to grant."""
@@ -127,7 +142,5 @@ class Reviewer:
             ) from exc
         if not (result.status and result.status.allowed):
             raise errors.ConfigError(
-                "the identity service may not create TokenReviews: bind its ServiceAccount to a "
-                "ClusterRole with the rule {apiGroups: [authentication.k8s.io], "
-                "resources: [tokenreviews], verbs: [create]}"
+                f"the identity service may not create TokenReviews: {RBAC_HINT}"
             )
