@@ -490,3 +490,60 @@ def test_inspect_prints_the_chain_and_checks_it(
     )
     assert bad.returncode == 2
     assert "does NOT verify" in bad.stdout
+
+
+def test_new_anchor_and_issuer_reload_and_serving_certificate_follows(
+    kubeconfig: pathlib.Path, core: client.CoreV1Api, namespace: str, tmp_path: pathlib.Path
+) -> None:
+    trust = init_trust(tmp_path / "trust")
+    svc = IdentityService(kubeconfig, trust, tmp_path / "identity.log")
+    svc.start()
+    try:
+        old_anchor = (trust / "ca-bundle.crt").read_bytes()
+        new_anchor, new_anchor_key = pki.new_trust_anchor(TD, datetime.timedelta(days=365))
+        issuer, issuer_key = pki.new_issuer(
+            new_anchor, new_anchor_key, TD, datetime.timedelta(days=30)
+        )
+        # Trust both anchors, sign with the new one (the middle phase of an anchor rotation).
+        for file, data in (
+            ("ca-bundle.crt", old_anchor + pki.to_pem(new_anchor)),
+            ("tls.key", pki.key_to_pem(issuer_key)),
+            ("tls.crt", pki.to_pem(issuer)),
+        ):
+            staged = trust / f".{file}.new"
+            staged.write_bytes(data)
+            staged.replace(trust / file)
+        only_new = tmp_path / "only-new.crt"
+        only_new.write_bytes(pki.to_pem(new_anchor))
+        token = token_for(core, namespace, "web")
+        csr, _ = make_csr()
+
+        def certify_trusting_only_the_new_anchor() -> bytes:
+            channel = grpc.secure_channel(
+                f"localhost:{svc.port}",
+                grpc.ssl_channel_credentials(root_certificates=only_new.read_bytes()),
+            )
+            with channel:
+                response = identity_pb2_grpc.IdentityStub(channel).Certify(
+                    identity_pb2.CertifyRequest(
+                        identity=name("web", namespace),
+                        token=token.encode(),
+                        certificate_signing_request=csr,
+                    ),
+                    timeout=5,
+                )
+            leaf = x509.load_der_x509_certificate(response.leaf_certificate)
+            chain = [x509.load_der_x509_certificate(c) for c in response.intermediate_certificates]
+            pki.verify_chain(leaf, chain, [new_anchor])
+            return bytes(response.leaf_certificate)
+
+        def reloaded() -> bytes | None:
+            try:
+                return certify_trusting_only_the_new_anchor()
+            except grpc.RpcError:
+                return None  # still the old serving certificate: the handshake fails
+
+        kubetest.wait_for("a service and leaves that chain to the new anchor", reloaded, 15)
+        assert "trust material reloaded" in svc.log.read_text()
+    finally:
+        svc.stop()
