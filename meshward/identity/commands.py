@@ -183,28 +183,27 @@ def _init_cluster(args: argparse.Namespace, files: dict[str, bytes]) -> None:
         return False
 
     try:
-        existing = [
-            f"secret/{name}"
-            for name, _ in secrets
-            if not missing(core.read_namespaced_secret, name)
-        ]
-        if not missing(core.read_namespaced_config_map, TRUST_ROOTS):
-            existing.append(f"configmap/{TRUST_ROOTS}")
+        secret_exists = {
+            name: not missing(core.read_namespaced_secret, name) for name, _ in secrets
+        }
+        roots_exist = not missing(core.read_namespaced_config_map, TRUST_ROOTS)
+        existing = [f"secret/{name}" for name, found in secret_exists.items() if found]
+        existing += [f"configmap/{TRUST_ROOTS}"] if roots_exist else []
         if existing and not args.force:
             raise errors.ConfigError(
                 f"namespace {ns} already holds {', '.join(existing)}; pass --force to replace "
                 "the trust material"
             )
         for name, body in secrets:
-            if missing(core.read_namespaced_secret, name):
-                core.create_namespaced_secret(ns, body)
-            else:
+            if secret_exists[name]:
                 core.replace_namespaced_secret(name, ns, body)
+            else:
+                core.create_namespaced_secret(ns, body)
             print(f"secret/{name} written in namespace {ns}")
-        if missing(core.read_namespaced_config_map, TRUST_ROOTS):
-            core.create_namespaced_config_map(ns, roots)
-        else:
+        if roots_exist:
             core.replace_namespaced_config_map(TRUST_ROOTS, ns, roots)
+        else:
+            core.create_namespaced_config_map(ns, roots)
         print(f"configmap/{TRUST_ROOTS} written in namespace {ns}")
     except exceptions.ApiException as exc:
         raise errors.ConfigError(f"writing trust material to namespace {ns}: {exc.reason}") from exc
