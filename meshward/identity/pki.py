@@ -56,9 +56,13 @@ _E = TypeVar("_E", bound=x509.ExtensionType)
 # -- identities ------------------------------------------------------------------------------
 
 
+def _is_dns_name(name: str) -> bool:
+    """Whether ``name`` is a lowercase DNS name: at most 253 characters of dot-joined labels."""
+    return len(name) <= _MAX_DNS_NAME and all(is_dns_label(label) for label in name.split("."))
+
+
 def _check_trust_domain(trust_domain: str) -> None:
-    labels = trust_domain.split(".")
-    if len(trust_domain) > _MAX_DNS_NAME or not all(is_dns_label(label) for label in labels):
+    if not _is_dns_name(trust_domain):
         raise InvalidIdentity(
             f"trust domain {trust_domain!r} is not a lowercase DNS name "
             "(labels of a-z, 0-9 and '-', e.g. 'cluster.local'): fix the trust domain setting"
@@ -239,8 +243,7 @@ class Issuer:
         issuer = cls(certificate=certs[0], key=key, chain=tuple(certs[1:]))
         at = _utc(now)
         for cert in certs:
-            if at > cert.not_valid_after_utc:
-                raise IssuerError(_expired(cert, at))
+            _check_unexpired(cert, at)
         return issuer
 
     def check(
@@ -265,8 +268,7 @@ class Issuer:
                     f"{_name(cert)} is not valid until {cert.not_valid_before_utc.isoformat()} "
                     f"(now {at.isoformat()}): check the clock, or wait before using it"
                 )
-            if at > cert.not_valid_after_utc:
-                raise IssuerError(_expired(cert, at))
+            _check_unexpired(cert, at)
         top = path[-1]
         candidates = [a for a in anchors if a == top or a.subject == top.issuer]
         if candidates and all(at > a.not_valid_after_utc for a in candidates):
@@ -411,9 +413,7 @@ def new_server_certificate(
     if isinstance(dns_names, str) or not dns_names:
         raise InvalidIdentity("a server certificate needs at least one DNS name (a list)")
     for dns_name in dns_names:
-        if len(dns_name) > _MAX_DNS_NAME or not all(
-            is_dns_label(label) for label in dns_name.split(".")
-        ):
+        if not _is_dns_name(dns_name):
             raise InvalidIdentity(
                 f"server name {dns_name!r} is not a lowercase DNS name, e.g. "
                 "'meshward-identity.meshward.svc.cluster.local'"
@@ -457,10 +457,9 @@ def verify_chain(
         raise UntrustedChain(
             f"certificate {_describe_leaf(leaf)} does not verify against the trust anchors: {e}"
         ) from e
-    uris = _uri_sans(leaf) or []
-    if len(uris) != 1 or not uris[0].startswith("spiffe://"):
+    if spiffe_id(leaf) is None:
         raise UntrustedChain(
-            f"certificate {_describe_leaf(leaf)} has URI SANs {uris}: a mesh identity "
+            f"certificate {_name(leaf)} has URI SANs {_uri_sans(leaf) or []}: a mesh identity "
             "certificate carries exactly one URI SAN, its spiffe:// ID"
         )
 
@@ -495,9 +494,16 @@ def _clamp(
 ) -> datetime.datetime:
     """``at + lifetime``, but never past the expiry of the issuer or any CA above it."""
     for cert in (issuer, *chain):
+        # Not _check_unexpired: at notAfter itself a CA is still valid, but a leaf would be dead.
         if at >= cert.not_valid_after_utc:
             raise IssuerError(_expired(cert, at))
     return min(at + lifetime, *(cert.not_valid_after_utc for cert in (issuer, *chain)))
+
+
+def _check_unexpired(cert: x509.Certificate, at: datetime.datetime) -> None:
+    """Raise :class:`IssuerError` if CA ``cert`` has expired at ``at`` (``notAfter`` inclusive)."""
+    if at > cert.not_valid_after_utc:
+        raise IssuerError(_expired(cert, at))
 
 
 def _expired(cert: x509.Certificate, at: datetime.datetime) -> str:
