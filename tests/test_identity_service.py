@@ -150,6 +150,14 @@ def service(
     svc.stop()
 
 
+def swap(directory: pathlib.Path, files: dict[str, bytes]) -> None:
+    """Replace each file atomically, in order, as the kubelet swaps a mounted Secret."""
+    for file, data in files.items():
+        staged = directory / f".{file}.new"
+        staged.write_bytes(data)
+        staged.replace(directory / file)
+
+
 def make_csr(
     key: ec.EllipticCurvePrivateKey | None = None, *, extensions: bool = False
 ) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
@@ -333,13 +341,7 @@ def test_issuer_rotated_on_disk_while_serving(
         anchor_key = serialization.load_pem_private_key((trust / "anchor.key").read_bytes(), None)
         assert isinstance(anchor_key, ec.EllipticCurvePrivateKey)
         issuer, issuer_key = pki.new_issuer(anchor, anchor_key, TD, datetime.timedelta(days=30))
-        for file, data in (
-            ("tls.key", pki.key_to_pem(issuer_key)),
-            ("tls.crt", pki.to_pem(issuer)),
-        ):
-            staged = trust / f".{file}.new"
-            staged.write_bytes(data)
-            staged.replace(trust / file)  # atomic, as the kubelet swaps a mounted Secret
+        swap(trust, {"tls.key": pki.key_to_pem(issuer_key), "tls.crt": pki.to_pem(issuer)})
 
         def new_issuer_signs() -> bool:
             got = svc.certify(name("web", namespace), token, csr).intermediate_certificates[0]
@@ -505,14 +507,14 @@ def test_new_anchor_and_issuer_reload_and_serving_certificate_follows(
             new_anchor, new_anchor_key, TD, datetime.timedelta(days=30)
         )
         # Trust both anchors, sign with the new one (the middle phase of an anchor rotation).
-        for file, data in (
-            ("ca-bundle.crt", old_anchor + pki.to_pem(new_anchor)),
-            ("tls.key", pki.key_to_pem(issuer_key)),
-            ("tls.crt", pki.to_pem(issuer)),
-        ):
-            staged = trust / f".{file}.new"
-            staged.write_bytes(data)
-            staged.replace(trust / file)
+        swap(
+            trust,
+            {
+                "ca-bundle.crt": old_anchor + pki.to_pem(new_anchor),
+                "tls.key": pki.key_to_pem(issuer_key),
+                "tls.crt": pki.to_pem(issuer),
+            },
+        )
         only_new = tmp_path / "only-new.crt"
         only_new.write_bytes(pki.to_pem(new_anchor))
         token = token_for(core, namespace, "web")

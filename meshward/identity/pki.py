@@ -320,7 +320,8 @@ def new_trust_anchor(
     key = ec.generate_private_key(ec.SECP256R1())
     name = _ca_name("root", trust_domain)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    builder = _ca_builder(
+    builder = _builder(
+        ca=True,
         subject=name,
         issuer=name,
         public_key=key.public_key(),
@@ -355,7 +356,8 @@ def new_issuer(
         )
     not_after = _clamp(at, lifetime, anchor, ())
     key = ec.generate_private_key(ec.SECP256R1())
-    builder = _ca_builder(
+    builder = _builder(
+        ca=True,
         subject=_ca_name("issuer", trust_domain),
         issuer=anchor.subject,
         public_key=key.public_key(),
@@ -524,16 +526,19 @@ def _ca_name(role: str, trust_domain: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _ca_builder(
+def _builder(
     *,
     subject: x509.Name,
     issuer: x509.Name,
-    public_key: ec.EllipticCurvePublicKey,
+    public_key: CertificatePublicKeyTypes,
     issuer_ski: x509.SubjectKeyIdentifier,
+    ca: bool,
     path_length: int | None,
     not_before: datetime.datetime,
     not_after: datetime.datetime,
 ) -> x509.CertificateBuilder:
+    """What every certificate we issue carries: a random serial, critical basic constraints and
+    key usage, an SKI, and the AKI taken from the issuer's SKI (strict verifiers need it)."""
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -542,8 +547,8 @@ def _ca_builder(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(_key_usage(key_cert_sign=ca), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
@@ -561,23 +566,15 @@ def _end_entity(
     not_before: datetime.datetime,
     not_after: datetime.datetime,
 ) -> x509.Certificate:
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(issuer.certificate.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(key_cert_sign=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                _ski(issuer.certificate)
-            ),
-            critical=False,
-        )
+    builder = _builder(
+        subject=x509.Name([]),
+        issuer=issuer.certificate.subject,
+        public_key=public_key,
+        issuer_ski=_ski(issuer.certificate),
+        ca=False,
+        path_length=None,
+        not_before=not_before,
+        not_after=not_after,
     )
     if sans is not None:
         # The subject is empty, so RFC 5280 4.2.1.6 requires the SAN extension to be critical.
