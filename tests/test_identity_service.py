@@ -46,10 +46,15 @@ class IdentityService:
     """``meshward identity serve`` in its own process, as a pod would run it."""
 
     def __init__(
-        self, kubeconfig: pathlib.Path, trust: pathlib.Path, log: pathlib.Path, verbose: bool = True
+        self,
+        kubeconfig: pathlib.Path,
+        trust: pathlib.Path,
+        log: pathlib.Path,
+        verbose: bool = True,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.kubeconfig, self.trust, self.log = kubeconfig, trust, log
-        self.verbose = verbose
+        self.verbose, self.extra = verbose, extra
         self.port, self.admin_port = kubetest.free_port(), kubetest.free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -63,6 +68,7 @@ class IdentityService:
                 "identity",
                 "serve",
                 *(["--verbose"] if self.verbose else []),
+                *self.extra,
                 "--issuer-dir",
                 str(self.trust),
                 "--trust-anchors",

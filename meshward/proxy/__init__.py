@@ -1,4 +1,10 @@
 """The sidecar proxy (issue 4): workload identity, mTLS both ways, inbound authorization.
 
-Nothing is implemented here yet; this package only reserves the name.
+Built so far, and tested against the real identity service:
+
+    settings    configuration from MESHWARD_PROXY_* variables, every problem named at once
+    renewal     when to renew a certificate, and when to retry after a failure (pure)
+    identity    the key (key.p8, 0600) and a certificate for it, checked and kept fresh
+
+Not yet: the inbound and outbound listeners, policy, the admin server and ``meshward proxy``.
 """

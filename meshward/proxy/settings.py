@@ -1,0 +1,345 @@
+"""The proxy's settings, from environment variables named after Linkerd's ``LINKERD2_PROXY_*``.
+
+    MESHWARD_PROXY_IDENTITY_DIR            existing directory the proxy writes its key (key.p8) to
+    MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS  PEM text (not a path) of one or more trust anchors
+    MESHWARD_PROXY_IDENTITY_TOKEN_FILE     projected ServiceAccount token, re-read at each renewal
+    MESHWARD_PROXY_IDENTITY_LOCAL_NAME     <sa>.<ns>.serviceaccount.identity.meshward.<td>
+    MESHWARD_PROXY_IDENTITY_SVC_ADDR       identity service host:port
+    MESHWARD_PROXY_IDENTITY_SVC_NAME       DNS name the identity service's certificate carries
+    MESHWARD_PROXY_INBOUND_LISTEN_ADDR     inbound listener, default 0.0.0.0:4143
+    MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR    outbound listener, default 127.0.0.1:4140
+    MESHWARD_PROXY_ADMIN_LISTEN_ADDR       admin listener (metrics, probes), default 0.0.0.0:4191
+
+The first six are required. A variable set to an empty (or blank) value counts as unset.
+:func:`from_env` checks every variable and raises one :class:`~meshward.errors.ConfigError`
+listing every problem, each naming its variable and what a valid value looks like, so a person
+fixes them in one go. The token file's contents are never read here, let alone reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import itertools
+import os
+import pathlib
+import re
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+from meshward.errors import ConfigError, IdentityError
+from meshward.identity import pki
+
+IDENTITY_DIR = "MESHWARD_PROXY_IDENTITY_DIR"
+TRUST_ANCHORS = "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS"
+TOKEN_FILE = "MESHWARD_PROXY_IDENTITY_TOKEN_FILE"
+LOCAL_NAME = "MESHWARD_PROXY_IDENTITY_LOCAL_NAME"
+IDENTITY_SVC_ADDR = "MESHWARD_PROXY_IDENTITY_SVC_ADDR"
+IDENTITY_SVC_NAME = "MESHWARD_PROXY_IDENTITY_SVC_NAME"
+INBOUND_LISTEN_ADDR = "MESHWARD_PROXY_INBOUND_LISTEN_ADDR"
+OUTBOUND_LISTEN_ADDR = "MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR"
+ADMIN_LISTEN_ADDR = "MESHWARD_PROXY_ADMIN_LISTEN_ADDR"
+
+EXAMPLES = {
+    IDENTITY_DIR: "/var/run/meshward/identity/end-entity",
+    TRUST_ANCHORS: "-----BEGIN CERTIFICATE-----\\n...\\n-----END CERTIFICATE-----",
+    TOKEN_FILE: "/var/run/secrets/tokens/meshward-identity-token",
+    LOCAL_NAME: "web.emojivoto.serviceaccount.identity.meshward.cluster.local",
+    IDENTITY_SVC_ADDR: "meshward-identity.meshward.svc:8080",
+    IDENTITY_SVC_NAME: "meshward-identity.meshward.serviceaccount.identity.meshward.cluster.local",
+    INBOUND_LISTEN_ADDR: "0.0.0.0:4143",
+    OUTBOUND_LISTEN_ADDR: "127.0.0.1:4140",
+    ADMIN_LISTEN_ADDR: "0.0.0.0:4191",
+}
+"""A valid value of each variable, as quoted in error messages."""
+
+_IDENTITY_INFIX = f".{pki.IDENTITY_INFIX}."
+_MAX_SHOWN = 80
+_MAX_DNS_NAME = 253
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_PORT = re.compile(r"[0-9]{1,5}")
+# A JWS in compact form: its header is base64url JSON, so it starts with "eyJ" ('{"').
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+_T = TypeVar("_T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    """A socket address; ``host`` is a host name or IP address, IPv6 without brackets."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, listen: bool = True) -> Address:
+        """``host:port``, ``[ipv6]:port``, or for a listener (``listen``) ``:port``, which
+        means every IPv4 interface (``0.0.0.0``).
+
+        The host is an IPv4 address, a bracketed IPv6 address, or a host name (letters, digits
+        and '-' in dot-separated labels, optionally ending in '.'); the port is 1-65535.
+        Raises :class:`ConfigError` saying what is wrong.
+        """
+        try:
+            return _address(text, listen=listen)
+        except _Invalid as e:
+            raise ConfigError(f"address {text!r} {e}") from None
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySettings:
+    """Everything the proxy reads from its environment, checked (see the module docstring)."""
+
+    identity_dir: pathlib.Path
+    trust_anchors: bytes
+    """PEM text of the trust anchors, as given; at least one certificate."""
+    token_file: pathlib.Path
+    """Re-read at every renewal: projected tokens rotate."""
+    local_name: str
+    trust_domain: str
+    """The part of ``local_name`` after ``.serviceaccount.identity.meshward.``."""
+    identity_svc_addr: Address
+    identity_svc_name: str
+    inbound: Address = Address("0.0.0.0", 4143)
+    outbound: Address = Address("127.0.0.1", 4140)
+    admin: Address = Address("0.0.0.0", 4191)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
+    """The proxy's settings from ``env`` (default :data:`os.environ`).
+
+    Raises one :class:`ConfigError` naming every missing or malformed variable.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+
+    def read(var: str, check: Callable[[str], _T]) -> _T | None:
+        """``check(value)``, or None after recording why the variable is unusable."""
+        value = env.get(var, "")
+        if not value.strip():
+            problems.append(f"{var} is not set: set it to {_describe(var)}")
+            return None
+        try:
+            return check(value)
+        except _Invalid as e:
+            problems.append(f"{var}{_shown(var, value)} {e}: set it to {_describe(var)}")
+            return None
+
+    def listener(var: str, default: Address) -> Address | None:
+        if not env.get(var, "").strip():
+            return default
+        return read(var, lambda value: _address(value, listen=True))
+
+    identity_dir = read(IDENTITY_DIR, _identity_dir)
+    trust_anchors = read(TRUST_ANCHORS, _trust_anchors)
+    token_file = read(TOKEN_FILE, _token_file)
+    identity = read(LOCAL_NAME, _local_name)
+    svc_addr = read(IDENTITY_SVC_ADDR, lambda value: _address(value, listen=False))
+    svc_name = read(IDENTITY_SVC_NAME, _svc_name)
+    listeners = {
+        INBOUND_LISTEN_ADDR: listener(INBOUND_LISTEN_ADDR, ProxySettings.inbound),
+        OUTBOUND_LISTEN_ADDR: listener(OUTBOUND_LISTEN_ADDR, ProxySettings.outbound),
+        ADMIN_LISTEN_ADDR: listener(ADMIN_LISTEN_ADDR, ProxySettings.admin),
+    }
+    for (var_a, a), (var_b, b) in itertools.combinations(listeners.items(), 2):
+        if a is not None and b is not None and _overlap(a, b):
+            problems.append(
+                f"{var_a} ({a}) and {var_b} ({b}) would listen on the same port: "
+                "give each listener its own port"
+            )
+    if problems:
+        if len(problems) == 1:
+            raise ConfigError(f"proxy configuration: {problems[0]}")
+        listed = "".join(f"\n  - {problem}" for problem in problems)
+        raise ConfigError(f"proxy configuration has {len(problems)} problems:{listed}")
+    # Every value was recorded as a problem if it were None; the asserts tell mypy so.
+    assert identity_dir is not None and trust_anchors is not None and token_file is not None
+    assert identity is not None and svc_addr is not None and svc_name is not None
+    inbound, outbound, admin = listeners.values()
+    assert inbound is not None and outbound is not None and admin is not None
+    return ProxySettings(
+        identity_dir=identity_dir,
+        trust_anchors=trust_anchors,
+        token_file=token_file,
+        local_name=identity.dns_name,
+        trust_domain=identity.trust_domain,
+        identity_svc_addr=svc_addr,
+        identity_svc_name=svc_name,
+        inbound=inbound,
+        outbound=outbound,
+        admin=admin,
+    )
+
+
+# -- one check per variable ------------------------------------------------------------------
+# Each returns the parsed value or raises _Invalid with the reason, which reads after
+# "<VAR>='<value>'" in the message.
+
+
+class _Invalid(Exception):
+    """Why a value is unusable, as a predicate: "does not exist"; never leaves this module."""
+
+
+def _address(text: str, *, listen: bool) -> Address:
+    if text.startswith("["):
+        close = text.find("]")
+        host, rest = (text[1:close], text[close + 1 :]) if close > 0 else (text[1:], "")
+        if not rest.startswith(":"):
+            raise _Invalid("is not host:port (no ':port' after the bracketed IPv6 address)")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(f"is not host:port ([{host}] is not an IPv6 address)") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise _Invalid("is not host:port (no ':port')")
+        if ":" in host:
+            raise _Invalid("is not host:port (an IPv6 address goes in brackets, e.g. [::1]:4143)")
+        if not host:
+            if not listen:
+                raise _Invalid("is not host:port (no host)")
+            host = "0.0.0.0"
+        elif _all_numeric(host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise _Invalid(f"is not host:port ({host!r} is not an IPv4 address)") from None
+        elif not _is_host_name(host):
+            raise _Invalid(
+                f"is not host:port ({host!r} is neither an IP address nor a host name of "
+                "letters, digits and '-' in dot-separated labels)"
+            )
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise _Invalid(f"is not host:port (port {port_text!r} is not a number from 1 to 65535)")
+    return Address(host, int(port_text))
+
+
+def _identity_dir(value: str) -> pathlib.Path:
+    path = pathlib.Path(value)
+    if not path.exists():
+        raise _Invalid("does not exist")
+    if not path.is_dir():
+        raise _Invalid("is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _Invalid("is a directory the proxy can not write to")
+    return path
+
+
+def _trust_anchors(value: str) -> bytes:
+    pem = value.encode("utf-8", "replace")
+    try:
+        pki.load_certificates(pem, TRUST_ANCHORS)
+    except IdentityError as e:
+        if b"-----BEGIN CERTIFICATE-----" in pem:
+            detail = e.__cause__ or e
+            raise _Invalid(f"holds a certificate that does not parse ({detail})") from None
+        if value.startswith(("/", "./", "~")) or value.endswith((".pem", ".crt")):
+            raise _Invalid("looks like a path") from None
+        raise _Invalid("holds no '-----BEGIN CERTIFICATE-----' block") from None
+    return pem
+
+
+def _token_file(value: str) -> pathlib.Path:
+    if _looks_like_token(value):
+        raise _Invalid("holds what looks like a token itself, not the path of a token file")
+    path = pathlib.Path(value)
+    if not path.exists():
+        raise _Invalid("does not exist")
+    if not path.is_file():
+        raise _Invalid("is not a file")
+    if not os.access(path, os.R_OK):
+        raise _Invalid("is a file the proxy can not read")
+    return path
+
+
+def _local_name(value: str) -> pki.Identity:
+    prefix, infix, trust_domain = value.partition(_IDENTITY_INFIX)
+    if not infix or not trust_domain:
+        raise _Invalid(f"is not of the form <sa>.<ns>{_IDENTITY_INFIX}<trust-domain>")
+    try:
+        return pki.Identity.parse(value, trust_domain)
+    except IdentityError as e:
+        if not _is_dns_name(trust_domain):
+            reason = f"names trust domain {trust_domain!r}, which is not a lowercase DNS name"
+        elif not _is_sa_ns(prefix):
+            reason = f"starts with {prefix!r}, not <sa>.<ns> (two lowercase DNS labels)"
+        else:
+            reason = f"is not a mesh identity ({e})"
+        raise _Invalid(reason) from None
+
+
+def _is_sa_ns(prefix: str) -> bool:
+    labels = prefix.split(".")
+    return len(labels) == 2 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
+def _svc_name(value: str) -> str:
+    if not _is_dns_name(value):
+        raise _Invalid(
+            "is not a lowercase DNS name (a-z, 0-9 and '-' in dot-separated labels, "
+            "no trailing dot)"
+        )
+    return value
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+_DESCRIPTIONS = {
+    IDENTITY_DIR: "an existing directory the proxy can write its key (key.p8) to",
+    TRUST_ANCHORS: "the PEM text (not a path) of one or more trust anchor certificates",
+    TOKEN_FILE: "the path of the pod's projected ServiceAccount token (audience "
+    "identity.meshward.io)",
+    LOCAL_NAME: "the pod's identity, <sa>.<ns>.serviceaccount.identity.meshward.<trust-domain>, "
+    "in lowercase",
+    IDENTITY_SVC_ADDR: "the identity service's host:port",
+    IDENTITY_SVC_NAME: "the DNS name on the identity service's certificate",
+    INBOUND_LISTEN_ADDR: "the inbound listener's host:port, [ipv6]:port or :port (or unset it)",
+    OUTBOUND_LISTEN_ADDR: "the outbound listener's host:port, [ipv6]:port or :port (or unset it)",
+    ADMIN_LISTEN_ADDR: "the admin listener's host:port, [ipv6]:port or :port (or unset it)",
+}
+
+
+def _describe(var: str) -> str:
+    return f"{_DESCRIPTIONS[var]}, e.g. {EXAMPLES[var]}"
+
+
+def _shown(var: str, value: str) -> str:
+    """``='<value>'`` for the message, shortened; PEM is summarised and a token never shown."""
+    if var == TOKEN_FILE and _looks_like_token(value):
+        return ""
+    if var == TRUST_ANCHORS and len(value) > _MAX_SHOWN:
+        return f" ({len(value)} characters)"
+    if len(value) > _MAX_SHOWN:
+        value = value[:_MAX_SHOWN] + "..."
+    return f"={value!r}"
+
+
+def _looks_like_token(value: str) -> bool:
+    return bool(_JWT.fullmatch(value.strip()))
+
+
+def _all_numeric(host: str) -> bool:
+    return all(label.isdecimal() and label.isascii() for label in host.split("."))
+
+
+def _is_dns_name(name: str) -> bool:
+    """Whether ``name`` is a lowercase DNS name (no trailing dot), as certificates carry."""
+    return len(name) <= _MAX_DNS_NAME and all(_DNS_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def _is_host_name(host: str) -> bool:
+    name = host.removesuffix(".")
+    return len(name) <= _MAX_DNS_NAME and all(_HOST_LABEL.fullmatch(p) for p in name.split("."))
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Whether listeners on ``a`` and ``b`` can not both bind."""
+    return a.port == b.port and (a.host == b.host or bool({a.host, b.host} & _WILDCARDS))
