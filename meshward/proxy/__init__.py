@@ -5,6 +5,7 @@ Built so far, and tested against the real identity service:
     settings    configuration from MESHWARD_PROXY_* variables, every problem named at once
     renewal     when to renew a certificate, and when to retry after a failure (pure)
     identity    the key (key.p8, 0600) and a certificate for it, checked and kept fresh
+    tls         TLS 1.3 contexts from that certificate, and the verified peer's SPIFFE ID
 
 Not yet: the inbound and outbound listeners, policy, the admin server and ``meshward proxy``.
 """
