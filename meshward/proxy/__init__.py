@@ -1,11 +1,12 @@
 """The sidecar proxy (issue 4): workload identity, mTLS both ways, inbound authorization.
 
-Built so far, and tested against the real identity service:
+Built so far (identity tested against the real identity service, the rest on loopback):
 
     settings    configuration from MESHWARD_PROXY_* variables, every problem named at once
     renewal     when to renew a certificate, and when to retry after a failure (pure)
     identity    the key (key.p8, 0600) and a certificate for it, checked and kept fresh
     tls         TLS 1.3 contexts from that certificate, and the verified peer's SPIFFE ID
+    forward     bytes both ways between two connections: backpressure, half-close, cleanup
 
 Not yet: the inbound and outbound listeners, policy, the admin server and ``meshward proxy``.
 """

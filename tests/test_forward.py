@@ -1,0 +1,123 @@
+"""Bytes both ways through ``forward.splice`` over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+
+from meshward.proxy import forward
+
+
+async def relay_to(upstream_port: int) -> tuple[asyncio.Server, list[forward.Transferred]]:
+    """A relay that splices each accepted connection to the upstream port."""
+    results: list[forward.Transferred] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up = await asyncio.open_connection("127.0.0.1", upstream_port)
+        results.append(await forward.splice((reader, writer), up))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, results
+
+
+def port(server: asyncio.Server) -> int:
+    return int(server.sockets[0].getsockname()[1])
+
+
+async def test_half_close_reaches_the_other_side_and_the_reply_comes_back() -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read()  # until the client's EOF
+        writer.write(b"got " + request)
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    relay, results = await relay_to(port(app))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(b"hello")
+        await writer.drain()
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"got hello"
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert results and (results[0].a_to_b, results[0].b_to_a) == (5, 9)
+    finally:
+        relay.close()
+        app.close()
+
+
+async def test_large_transfer_is_intact_and_backpressure_bounds_buffering() -> None:
+    payload = os.urandom(32 * 1024 * 1024)
+    received = hashlib.sha256()
+    slow_started = asyncio.Event()
+    buffered: list[int] = []
+
+    async def slow_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        slow_started.set()
+        total = 0
+        while chunk := await reader.read(16 * 1024):
+            received.update(chunk)
+            total += len(chunk)
+            if total < 4 * 1024 * 1024:
+                await asyncio.sleep(0.001)  # a slow reader at first
+        writer.write(str(total).encode())
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(slow_sink, "127.0.0.1", 0)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port(app))
+
+        async def watch() -> None:
+            while not up_writer.is_closing():
+                buffered.append(up_writer.transport.get_write_buffer_size())
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await forward.splice((reader, writer), (up_reader, up_writer))
+        finally:
+            watcher.cancel()
+
+    relay = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.read(), 60)
+        assert int(reply) == len(payload)
+        assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
+        # drain() after every write: never more than the transport's high-water mark plus a chunk
+        assert buffered and max(buffered) <= 64 * 1024 + forward.CHUNK
+        writer.close()
+    finally:
+        relay.close()
+        app.close()
+
+
+async def test_a_reset_upstream_closes_the_client_side_too() -> None:
+    async def resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.close()  # RST
+
+    app = await asyncio.start_server(resetting, "127.0.0.1", 0)
+    relay, results = await relay_to(port(app))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(b"x")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 5)  # the relay closed us: EOF, not a hang
+        assert data == b""
+        await asyncio.sleep(0.1)
+        assert len(results) == 1
+        writer.close()
+    finally:
+        relay.close()
+        app.close()
