@@ -7,6 +7,7 @@ Built so far (identity tested against the real identity service, the rest on loo
     identity    the key (key.p8, 0600) and a certificate for it, checked and kept fresh
     tls         TLS 1.3 contexts from that certificate, and the verified peer's SPIFFE ID
     forward     bytes both ways between two connections: backpressure, half-close, cleanup
+    detect      TLS, HTTP/1, HTTP/2 or opaque, from the first bytes (pure)
 
 Not yet: the inbound and outbound listeners, policy, the admin server and ``meshward proxy``.
 """
