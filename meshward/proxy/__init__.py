@@ -8,6 +8,8 @@ Built so far (identity tested against the real identity service, the rest on loo
     tls         TLS 1.3 contexts from that certificate, and the verified peer's SPIFFE ID
     forward     bytes both ways between two connections: backpressure, half-close, cleanup
     detect      TLS, HTTP/1, HTTP/2 or opaque, from the first bytes (pure)
+    inbound     per-connection: mTLS mode, TLS termination, client identity, decision, splice
 
-Not yet: the inbound and outbound listeners, policy, the admin server and ``meshward proxy``.
+Not yet: per-request HTTP decisions (403, gRPC 7), outbound, the policy stream, the admin
+server and ``meshward proxy``.
 """

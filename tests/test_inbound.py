@@ -1,0 +1,171 @@
+"""The inbound side over real loopback sockets and real TLS: who reaches the application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from meshward.policy import compile as policy_compile
+from meshward.policy import decision
+from meshward.policy.resources import DefaultPolicy
+from meshward.proxy import inbound, tls
+from tests import builders
+from tests.test_proxy_tls import Mesh
+
+
+def compiled(
+    *items: object, default: DefaultPolicy = DefaultPolicy.DENY, mesh: tuple[object, ...] = ()
+) -> decision.Policy:
+    settings = policy_compile.Settings(default_policy=default, cluster_networks=("127.0.0.0/8",))
+    state = builders.state(*items, mesh=mesh)  # type: ignore[arg-type]
+    return decision.Policy(policy_compile.compile_namespace(state, settings).document)
+
+
+@contextlib.asynccontextmanager
+async def workload(
+    tmp: pathlib.Path, mesh: Mesh, policy: decision.Policy | None
+) -> AsyncIterator[tuple[int, inbound.Inbound]]:
+    """An echo application behind an inbound proxy for pod web-0 (app=web); yields the port."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(echo, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    own = mesh.workload(tmp / "web-proxy", "web", ns=builders.NS)
+
+    def server_context(require: bool) -> ssl.SSLContext:
+        return tls.server_context(
+            tmp / "web-proxy", own, mesh.anchors, require_client_certificate=require
+        )
+
+    proxy = inbound.Inbound(
+        policy=lambda: policy, server_context=server_context, pod="web-0", labels={"app": "web"}
+    )
+    server = await proxy.serve("127.0.0.1", 0, app_port, policy_port=8080)
+    try:
+        yield server.port, proxy
+    finally:
+        server.close()
+        await server.wait_closed()
+        app.close()
+
+
+async def settled(proxy: inbound.Inbound) -> inbound.Counters:
+    """The counters once every accepted connection has an outcome (the proxy may still be
+    finishing a handshake the client already gave up on)."""
+    c = proxy.counters
+    for _ in range(100):
+        if c.accepted == c.allowed + c.denied + c.plaintext_refused + c.handshake_failed:
+            break
+        await asyncio.sleep(0.05)
+    return c
+
+
+async def talk(port: int, ctx: ssl.SSLContext | None) -> bytes:
+    """Send a line and read until the proxy or the echo closes; b'' means nothing came back."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        writer.write(b"ping\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        return data
+    except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+        return b""
+
+
+def client(tmp: pathlib.Path, mesh: Mesh, sa: str) -> ssl.SSLContext:
+    directory = tmp / f"client-{sa}-{uuid.uuid4().hex[:6]}"
+    certified = mesh.workload(directory, sa, ns=builders.NS)
+    return tls.client_context(directory, certified, mesh.anchors)
+
+
+STRICT = (builders.peer("mesh", "STRICT", ns="meshward"),)
+ALLOW_VOTE_BOT = (
+    builders.server("web-http", 8080),
+    builders.authz("web-from-vote-bot", {"meshTLS": {"identities": [builders.ident("vote-bot")]}}),
+)
+
+
+async def test_strict_allows_the_authorized_identity_only(tmp_path: pathlib.Path) -> None:
+    mesh = Mesh()
+    policy = compiled(*ALLOW_VOTE_BOT, mesh=STRICT)
+    async with workload(tmp_path, mesh, policy) as (port, proxy):
+        assert await talk(port, client(tmp_path, mesh, "vote-bot")) == b"ping\n"
+        assert await talk(port, client(tmp_path, mesh, "intruder")) == b""
+        assert await talk(port, None) == b""  # plaintext under STRICT
+        assert await talk(port, client(tmp_path, Mesh(), "vote-bot")) == b""  # another mesh
+        c = await settled(proxy)
+    assert (c.accepted, c.allowed, c.denied, c.plaintext_refused, c.handshake_failed) == (
+        4,
+        1,
+        1,
+        1,
+        1,
+    ), c
+
+
+async def test_permissive_serves_plaintext_and_tls(tmp_path: pathlib.Path) -> None:
+    mesh = Mesh()
+    policy = compiled(default=DefaultPolicy.ALL_UNAUTHENTICATED)
+    async with workload(tmp_path, mesh, policy) as (port, proxy):
+        assert await talk(port, None) == b"ping\n"
+        assert await talk(port, client(tmp_path, mesh, "anyone")) == b"ping\n"
+    assert proxy.counters.allowed == 2
+
+
+async def test_identity_rules_can_not_be_met_in_plaintext(tmp_path: pathlib.Path) -> None:
+    mesh = Mesh()
+    policy = compiled(*ALLOW_VOTE_BOT)  # PERMISSIVE: plaintext is accepted, but carries no identity
+    async with workload(tmp_path, mesh, policy) as (port, proxy):
+        assert await talk(port, None) == b""
+        assert await talk(port, client(tmp_path, mesh, "vote-bot")) == b"ping\n"
+    assert (proxy.counters.denied, proxy.counters.allowed) == (1, 1)
+
+
+@pytest.mark.parametrize("policy", [None], ids=["no-policy"])
+async def test_no_policy_denies_everything(tmp_path: pathlib.Path, policy: None) -> None:
+    mesh = Mesh()
+    async with workload(tmp_path, mesh, policy) as (port, proxy):
+        assert await talk(port, None) == b""
+        assert await talk(port, client(tmp_path, mesh, "vote-bot")) == b""
+    assert proxy.counters.allowed == 0
+
+
+async def test_denied_connections_get_no_byte_through(tmp_path: pathlib.Path) -> None:
+    mesh = Mesh()
+    received: list[bytes] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read())
+        writer.close()
+
+    app = await asyncio.start_server(sink, "127.0.0.1", 0)
+    own = mesh.workload(tmp_path / "p", "web", ns=builders.NS)
+    proxy = inbound.Inbound(
+        policy=lambda: compiled(*ALLOW_VOTE_BOT, mesh=STRICT),
+        server_context=lambda require: tls.server_context(
+            tmp_path / "p", own, mesh.anchors, require_client_certificate=require
+        ),
+        pod="web-0",
+        labels={"app": "web"},
+    )
+    server = await proxy.serve("127.0.0.1", 0, app.sockets[0].getsockname()[1], policy_port=8080)
+    try:
+        assert await talk(server.port, client(tmp_path, mesh, "intruder")) == b""
+        await asyncio.sleep(0.2)
+        assert received == []
+    finally:
+        server.close()
+        await server.wait_closed()
+        app.close()
