@@ -9,7 +9,8 @@ Built so far (identity tested against the real identity service, the rest on loo
     forward     bytes both ways between two connections: backpressure, half-close, cleanup
     detect      TLS, HTTP/1, HTTP/2 or opaque, from the first bytes (pure)
     inbound     per-connection: mTLS mode, TLS termination, client identity, decision, splice
+    outbound    plaintext from the app, mTLS to the peer, the peer's identity checked
 
-Not yet: per-request HTTP decisions (403, gRPC 7), outbound, the policy stream, the admin
+Not yet: per-request HTTP decisions (403, gRPC 7), the policy stream, the admin
 server and ``meshward proxy``.
 """
