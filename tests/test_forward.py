@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pathlib
 import socket
 
 from meshward.proxy import forward
@@ -117,6 +118,71 @@ async def test_a_reset_upstream_closes_the_client_side_too() -> None:
         assert data == b""
         await asyncio.sleep(0.1)
         assert len(results) == 1
+        writer.close()
+    finally:
+        relay.close()
+        app.close()
+
+
+async def _tls_relay(
+    tmp: pathlib.Path, upstream: object, grace: float
+) -> tuple[asyncio.Server, asyncio.Server]:
+    """A plaintext relay whose upstream leg is TLS (as every mesh hop is)."""
+    from meshward.proxy import tls
+    from tests.test_proxy_tls import Mesh
+
+    mesh = Mesh()
+    server_cert = mesh.workload(tmp / "upstream", "api")
+    client_cert = mesh.workload(tmp / "relay", "web")
+    app = await asyncio.start_server(
+        upstream,  # type: ignore[arg-type]
+        "127.0.0.1",
+        0,
+        ssl=tls.server_context(tmp / "upstream", server_cert, mesh.anchors),
+    )
+    ctx = tls.client_context(tmp / "relay", client_cert, mesh.anchors)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up = await asyncio.open_connection("127.0.0.1", port(app), ssl=ctx)
+        await forward.splice((reader, writer), up, half_close_grace=grace)
+
+    return app, await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_tls_leg_still_delivers_a_reply_after_the_client_half_closes(
+    tmp_path: pathlib.Path,
+) -> None:
+    async def replies_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"yo\n")
+        await writer.drain()
+        await asyncio.sleep(30)  # keeps its side open
+
+    app, relay = await _tls_relay(tmp_path, replies_at_once, grace=0.5)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(b"hi\n")
+        writer.write_eof()
+        start = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 10) == b"yo\n"
+        assert asyncio.get_running_loop().time() - start < 5  # closed after the grace, no hang
+        writer.close()
+    finally:
+        relay.close()
+        app.close()
+
+
+async def test_tls_leg_does_not_hang_on_a_peer_waiting_for_eof(tmp_path: pathlib.Path) -> None:
+    async def waits_for_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # an EOF that a TLS leg can not deliver
+        writer.close()
+
+    app, relay = await _tls_relay(tmp_path, waits_for_eof, grace=0.5)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(b"hi\n")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
         writer.close()
     finally:
         relay.close()

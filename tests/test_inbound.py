@@ -10,7 +10,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from meshward.identity import pki
 from meshward.policy import compile as policy_compile
 from meshward.policy import decision
 from meshward.policy.resources import DefaultPolicy
@@ -165,6 +169,99 @@ async def test_denied_connections_get_no_byte_through(tmp_path: pathlib.Path) ->
         assert await talk(server.port, client(tmp_path, mesh, "intruder")) == b""
         await asyncio.sleep(0.2)
         assert received == []
+    finally:
+        server.close()
+        await server.wait_closed()
+        app.close()
+
+
+def _client_trusting(tmp: pathlib.Path, mesh: Mesh, ours: Mesh, sa: str) -> ssl.SSLContext:
+    """A client certified by ``mesh`` that trusts ``ours`` (so only the proxy can refuse it)."""
+    directory = tmp / f"client-{sa}-{uuid.uuid4().hex[:6]}"
+    certified = mesh.workload(directory, sa, ns=builders.NS)
+    return tls.client_context(directory, certified, ours.anchors)
+
+
+async def test_the_proxy_itself_refuses_a_client_of_another_mesh(tmp_path: pathlib.Path) -> None:
+    ours = Mesh()
+    async with workload(tmp_path, ours, compiled(*ALLOW_VOTE_BOT, mesh=STRICT)) as (port, proxy):
+        assert await talk(port, _client_trusting(tmp_path, Mesh(), ours, "vote-bot")) == b""
+        c = await settled(proxy)
+    assert (c.allowed, c.handshake_failed) == (0, 1)
+
+
+async def test_a_certificate_without_mesh_identity_is_denied_and_serving_goes_on(
+    tmp_path: pathlib.Path,
+) -> None:
+    import datetime
+
+    mesh = Mesh()
+    directory = tmp_path / "no-spiffe"
+    directory.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    # Chains to the anchors, may authenticate clients, but names no mesh identity.
+    cert = pki._end_entity(
+        mesh.issuer,
+        key.public_key(),
+        sans=[x509.DNSName("client.example")],
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        not_before=now - datetime.timedelta(minutes=1),
+        not_after=now + datetime.timedelta(hours=1),
+    )
+    (directory / "chain.pem").write_bytes(pki.to_pem(cert, mesh.issuer.certificate))
+    (directory / "key.pem").write_bytes(pki.key_to_pem(key))
+    odd = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    odd.check_hostname = False
+    odd.load_verify_locations(cadata=mesh.anchors.decode())
+    odd.load_cert_chain(directory / "chain.pem", directory / "key.pem")
+    policy = compiled(default=DefaultPolicy.ALL_UNAUTHENTICATED)
+    async with workload(tmp_path, mesh, policy) as (port, proxy):
+        for _ in range(3):
+            assert await talk(port, odd) == b""
+        assert await talk(port, client(tmp_path, mesh, "vote-bot")) == b"ping\n"
+        c = await settled(proxy)
+    assert (c.denied, c.allowed) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("default", "reply"),
+    [(DefaultPolicy.ALL_UNAUTHENTICATED, b"ping\n"), (DefaultPolicy.ALL_AUTHENTICATED, b"")],
+)
+async def test_permissive_tls_without_a_client_certificate(
+    tmp_path: pathlib.Path, default: DefaultPolicy, reply: bytes
+) -> None:
+    mesh = Mesh()
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname = False
+    anonymous.load_verify_locations(cadata=mesh.anchors.decode())
+    async with workload(tmp_path, mesh, compiled(default=default)) as (port, _):
+        assert await talk(port, anonymous) == reply
+
+
+async def test_plaintext_under_strict_gets_no_byte_to_the_app(tmp_path: pathlib.Path) -> None:
+    mesh = Mesh()
+    received: list[bytes] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read())
+        writer.close()
+
+    app = await asyncio.start_server(sink, "127.0.0.1", 0)
+    own = mesh.workload(tmp_path / "p", "web", ns=builders.NS)
+    proxy = inbound.Inbound(
+        policy=lambda: compiled(default=DefaultPolicy.ALL_UNAUTHENTICATED, mesh=STRICT),
+        server_context=lambda require: tls.server_context(
+            tmp_path / "p", own, mesh.anchors, require_client_certificate=require
+        ),
+        pod="web-0",
+        labels={"app": "web"},
+    )
+    server = await proxy.serve("127.0.0.1", 0, app.sockets[0].getsockname()[1], policy_port=8080)
+    try:
+        assert await talk(server.port, None) == b""
+        await asyncio.sleep(0.2)
+        assert received == [] and proxy.counters.plaintext_refused == 1
     finally:
         server.close()
         await server.wait_closed()

@@ -377,13 +377,24 @@ def test_a_token_given_instead_of_a_path_is_not_echoed(env: dict[str, str]) -> N
     assert SECRET[:20] not in message
 
 
-def test_token_contents_appear_in_no_message(env: dict[str, str], tmp_path: pathlib.Path) -> None:
-    # Everything else wrong; the token file itself fine, then a directory: never its contents.
-    bad = {var: "X!" for var in REQUIRED if var != settings.TOKEN_FILE}
-    message = problem(env | bad)
-    assert "5 problems" in message
-    env[settings.TOKEN_FILE] = str(tmp_path)
-    assert settings.TOKEN_FILE in problem(env)
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "Bearer " + SECRET,
+        f'"{SECRET}"',
+        SECRET + "A" * 300,  # too long for a file name: the OS error would quote it
+        "/var/run/" + SECRET + "x" * 300,
+    ],
+    ids=["bearer", "quoted", "over-255", "path-around-token"],
+)
+def test_a_mangled_token_in_place_of_its_path_never_reaches_the_message(
+    env: dict[str, str], pasted: str
+) -> None:
+    env[settings.TOKEN_FILE] = pasted
+    message = problem(env)
+    assert settings.TOKEN_FILE in message
+    for fragment in (SECRET[:24], SECRET[-16:], "eyJ"):
+        assert fragment not in message
 
 
 # -- Address ---------------------------------------------------------------------------------

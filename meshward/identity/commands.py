@@ -15,6 +15,7 @@ import logging
 import os
 import pathlib
 import re
+import secrets
 from typing import Any
 
 from cryptography import x509
@@ -46,7 +47,7 @@ def duration(text: str) -> datetime.timedelta:
 def _write_private(path: pathlib.Path, data: bytes, mode: int) -> None:
     """Write ``path`` whole or not at all, with ``mode`` from the first byte (never widened by
     an existing file's mode, never through a symlink)."""
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staged = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import random
+import secrets
 from collections.abc import Callable
 
 import grpc
@@ -57,7 +58,7 @@ class Certified:
 def write_key(directory: os.PathLike[str], key: ec.EllipticCurvePrivateKey) -> None:
     """``key.p8``: PKCS#8 PEM, created 0600 (a stale file is replaced, never reused)."""
     path = os.path.join(directory, KEY_FILE)
-    staged = f"{path}.{os.getpid()}.tmp"
+    staged = f"{path}.{secrets.token_hex(8)}.tmp"  # never the pid: a container's is always 1
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -162,18 +163,18 @@ class WorkloadIdentity:
 
     async def run(self) -> None:
         """Get a certificate, then keep renewing it; never returns (cancel it to stop)."""
-        failures = 0
+        consecutive = 0  # drives the backoff; self.failures counts them all, for metrics
         while True:
             try:
                 fresh = await self.certify()
-            except (grpc.aio.AioRpcError, errors.IdentityError) as exc:
-                failures += 1
+            except Exception as exc:  # noqa: BLE001 - renewal must outlive any one failure
+                consecutive += 1
                 self.failures += 1
                 held = self.current.not_after if self.current else None
                 if held is not None and held <= self._now():
                     self.current = None  # expired: not ready, serve nothing with it
                     self.ready.clear()
-                wait = renewal.retry_in(self._now(), held, failures)
+                wait = renewal.retry_in(self._now(), held, consecutive)
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 logger.warning(
                     "certificate renewal failed (%s); retrying in %.1f s",
@@ -181,7 +182,7 @@ class WorkloadIdentity:
                     wait.total_seconds(),
                 )
             else:
-                failures = 0
+                consecutive = 0
                 self.renewals += 1
                 self.current = fresh
                 self.ready.set()

@@ -24,6 +24,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
+from meshward import errors
 from meshward.policy import decision, resources
 from meshward.proxy import detect, forward, tls
 
@@ -74,6 +75,8 @@ class Inbound:
             await self._handle(sock, peer, port, app_port)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             logger.debug("inbound connection from %s ended: %s", peer, exc)
+        except Exception:
+            logger.exception("inbound connection from %s failed unexpectedly", peer)
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -107,7 +110,30 @@ class Inbound:
                 logger.info("TLS handshake from %s on port %d failed: %s", peer, port, exc)
             return
         writer = asyncio.StreamWriter(transport, protocol_obj, reader, loop)
-        identity = tls.peer_identity(writer.get_extra_info("ssl_object")) if terminate else None
+        try:
+            await self._decide_and_forward(
+                reader, writer, policy, dest, peer, port, app_port, terminate
+            )
+        finally:
+            transport.abort()  # after splice, a no-op; on every other path, the only close
+
+    async def _decide_and_forward(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        policy: decision.Policy | None,
+        dest: decision.Destination,
+        peer: str,
+        port: int,
+        app_port: int,
+        terminate: bool,
+    ) -> None:
+        try:
+            identity = tls.peer_identity(writer.get_extra_info("ssl_object")) if terminate else None
+        except errors.UntrustedChain:
+            self.counters.denied += 1
+            logger.info("denied a certificate without a mesh identity from %s on %d", peer, port)
+            return
         client = decision.Client(identity=identity, source_ip=peer, tls=terminate)
         verdict = decision.decide(policy, dest, client) if policy is not None else None
         if verdict is None or not verdict.allowed:
@@ -120,14 +146,12 @@ class Inbound:
             logger.info(
                 "denied %s from %s on port %d (%s)", identity or "unauthenticated", peer, port, rule
             )
-            transport.abort()
             return
         self.counters.allowed += 1
         try:
             app = await asyncio.open_connection(self._app_host, app_port)
         except OSError as exc:
             logger.warning("application port %d refused the connection: %s", app_port, exc)
-            transport.abort()
             return
         await forward.splice((reader, writer), app)
 
@@ -140,15 +164,24 @@ class Inbound:
         listener = socket.socket(
             socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
         )
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(512)
-        listener.setblocking(False)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(512)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
         tasks: set[asyncio.Task[None]] = set()
 
         async def accept_loop() -> None:
             while True:
-                sock, _ = await loop.sock_accept(listener)
+                try:
+                    sock, _ = await loop.sock_accept(listener)
+                except OSError as exc:  # out of descriptors, say: back off, keep listening
+                    logger.warning("accepting on port %d failed: %s", port, exc)
+                    await asyncio.sleep(0.1)
+                    continue
                 sock.setblocking(False)
                 task = loop.create_task(self.handle(sock, policy_port or app_port, app_port))
                 tasks.add(task)
@@ -194,6 +227,7 @@ async def _peek(sock: socket.socket, timeout: float) -> bytes:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     seen = b""
+    idle = 0.005
     while loop.time() < deadline:
         ready: asyncio.Future[None] = loop.create_future()
 
@@ -212,6 +246,10 @@ async def _peek(sock: socket.socket, timeout: float) -> bytes:
         if not data or detect.detect(data) is not None or len(data) >= detect.PEEK:
             return data
         if data == seen:
-            await asyncio.sleep(0.005)  # still a prefix: wait for more to arrive
+            # Still the same prefix: the socket stays readable, so poll gently, not in a spin.
+            idle = min(0.1, idle * 2)
+            await asyncio.sleep(idle)
+        else:
+            idle = 0.005
         seen = data
     return seen

@@ -77,7 +77,9 @@ class Outbound:
             seen: str | None = tls.peer_identity(peer_writer.get_extra_info("ssl_object"))
         except errors.UntrustedChain:
             seen = None
-        if route.identity is not None and seen != route.identity:
+        # A peer must prove a mesh identity: one that chains to the anchors but names none (the
+        # identity service's own certificate, say) is not a mesh workload.
+        if seen is None or (route.identity is not None and seen != route.identity):
             self.counters.refused_identity += 1
             logger.warning(
                 "refused peer %s:%d: it is %s, expected %s",

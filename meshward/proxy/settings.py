@@ -129,6 +129,12 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         except _Invalid as e:
             problems.append(f"{var}{_shown(var, value)} {e}: set it to {_describe(var)}")
             return None
+        except OSError:
+            # e.g. a name too long to be a path (a pasted token?): the OS error would quote it.
+            problems.append(
+                f"{var}{_shown(var, value)} is not a usable path: set it to {_describe(var)}"
+            )
+            return None
 
     def listener(var: str, default: Address) -> Address | None:
         if not env.get(var, "").strip():
@@ -313,8 +319,8 @@ def _describe(var: str) -> str:
 
 def _shown(var: str, value: str) -> str:
     """``='<value>'`` for the message, shortened; PEM is summarised and a token never shown."""
-    if var == TOKEN_FILE and _looks_like_token(value):
-        return ""
+    if var == TOKEN_FILE and (_looks_like_token(value) or len(value) > _MAX_SHOWN):
+        return ""  # a token pasted in place of its path must never reach a log
     if var == TRUST_ANCHORS and len(value) > _MAX_SHOWN:
         return f" ({len(value)} characters)"
     if len(value) > _MAX_SHOWN:
@@ -323,7 +329,7 @@ def _shown(var: str, value: str) -> str:
 
 
 def _looks_like_token(value: str) -> bool:
-    return bool(_JWT.fullmatch(value.strip()))
+    return bool(_JWT.search(value))
 
 
 def _all_numeric(host: str) -> bool:

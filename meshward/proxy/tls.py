@@ -12,8 +12,8 @@ take them, live connections keep theirs).
 
 from __future__ import annotations
 
-import os
 import pathlib
+import secrets
 import ssl
 
 from cryptography import x509
@@ -28,7 +28,7 @@ CERT_FILE = "certificate.pem"
 def _write_chain(directory: pathlib.Path, certified: identity.Certified) -> pathlib.Path:
     """The public chain beside key.p8 (ssl loads only files), replaced atomically."""
     path = directory / CERT_FILE
-    staged = directory / f".{CERT_FILE}.{os.getpid()}.tmp"
+    staged = directory / f".{CERT_FILE}.{secrets.token_hex(8)}.tmp"
     staged.write_bytes(certified.chain_pem())
     staged.replace(path)
     return path
