@@ -77,3 +77,36 @@ async def test_without_a_certificate_nothing_leaves(tmp_path: pathlib.Path) -> N
         assert await call(proxy, outbound.Route("127.0.0.1", port, WEB)) == b""
         assert inbound.counters.accepted == 0
     assert proxy.counters.failed == 1
+
+
+async def test_a_peer_without_mesh_identity_is_refused_even_with_no_expectation(
+    tmp_path: pathlib.Path,
+) -> None:
+    import datetime
+    import ssl
+
+    from meshward.identity import pki
+
+    mesh = Mesh()
+    cert, key = pki.new_server_certificate(mesh.issuer, ["localhost"], datetime.timedelta(hours=1))
+    (tmp_path / "chain.pem").write_bytes(pki.to_pem(cert, mesh.issuer.certificate))
+    (tmp_path / "key.pem").write_bytes(pki.key_to_pem(key))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "chain.pem", tmp_path / "key.pem")
+    received: list[bytes] = []
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read())
+        writer.close()
+
+    # Chains to the anchors (like the identity service's own certificate) but names no workload.
+    server = await asyncio.start_server(sink, "127.0.0.1", 0, ssl=ctx)
+    try:
+        proxy = vote_bot(tmp_path, mesh)
+        route = outbound.Route("127.0.0.1", server.sockets[0].getsockname()[1], None)
+        assert await call(proxy, route) == b""
+        await asyncio.sleep(0.2)
+        assert received in ([], [b""])
+    finally:
+        server.close()
+    assert (proxy.counters.connected, proxy.counters.refused_identity) == (0, 1)
