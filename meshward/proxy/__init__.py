@@ -10,7 +10,9 @@ Built so far (identity tested against the real identity service, the rest on loo
     detect      TLS, HTTP/1, HTTP/2 or opaque, from the first bytes (pure)
     inbound     per-connection: mTLS mode, TLS termination, client identity, decision, splice
     outbound    plaintext from the app, mTLS to the peer, the peer's identity checked
+    policy_source  the compiled document from a file: reloaded, last valid kept, none = deny
 
-Not yet: per-request HTTP decisions (403, gRPC 7), the policy stream, the admin
+Not yet: per-request HTTP decisions (403, gRPC 7), the streaming policy API, closing live
+connections a new policy no longer allows, the admin
 server and ``meshward proxy``.
 """
