@@ -13,6 +13,5 @@ Built so far (identity tested against the real identity service, the rest on loo
     policy_source  the compiled document from a file: reloaded, last valid kept, none = deny
 
 Not yet: per-request HTTP decisions (403, gRPC 7), the streaming policy API, closing live
-connections a new policy no longer allows, the admin
-server and ``meshward proxy``.
+connections a new policy no longer allows, the admin server and ``meshward proxy``.
 """
