@@ -7,7 +7,7 @@ import contextlib
 import pathlib
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from cryptography import x509
@@ -31,19 +31,33 @@ def compiled(
     return decision.Policy(policy_compile.compile_namespace(state, settings).document)
 
 
-@contextlib.asynccontextmanager
-async def workload(
-    tmp: pathlib.Path, mesh: Mesh, policy: decision.Policy | None
-) -> AsyncIterator[tuple[int, inbound.Inbound]]:
-    """An echo application behind an inbound proxy for pod web-0 (app=web); yields the port."""
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def sink(received: list[bytes]) -> Handler:
+    """An application that records everything it is sent."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read())
         writer.close()
 
-    app = await asyncio.start_server(echo, "127.0.0.1", 0)
+    return handle
+
+
+@contextlib.asynccontextmanager
+async def workload(
+    tmp: pathlib.Path, mesh: Mesh, policy: decision.Policy | None, application: Handler = echo
+) -> AsyncIterator[tuple[int, inbound.Inbound]]:
+    """An application (echo by default) behind an inbound proxy for pod web-0 (app=web);
+    yields the proxy's port and the proxy."""
+    app = await asyncio.start_server(application, "127.0.0.1", 0)
     app_port = app.sockets[0].getsockname()[1]
     own = mesh.workload(tmp / "web-proxy", "web", ns=builders.NS)
 
@@ -137,42 +151,22 @@ async def test_identity_rules_can_not_be_met_in_plaintext(tmp_path: pathlib.Path
     assert (proxy.counters.denied, proxy.counters.allowed) == (1, 1)
 
 
-@pytest.mark.parametrize("policy", [None], ids=["no-policy"])
-async def test_no_policy_denies_everything(tmp_path: pathlib.Path, policy: None) -> None:
+async def test_no_policy_denies_everything(tmp_path: pathlib.Path) -> None:
     mesh = Mesh()
-    async with workload(tmp_path, mesh, policy) as (port, proxy):
+    async with workload(tmp_path, mesh, None) as (port, proxy):
         assert await talk(port, None) == b""
         assert await talk(port, client(tmp_path, mesh, "vote-bot")) == b""
     assert proxy.counters.allowed == 0
 
 
 async def test_denied_connections_get_no_byte_through(tmp_path: pathlib.Path) -> None:
-    mesh = Mesh()
     received: list[bytes] = []
-
-    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        received.append(await reader.read())
-        writer.close()
-
-    app = await asyncio.start_server(sink, "127.0.0.1", 0)
-    own = mesh.workload(tmp_path / "p", "web", ns=builders.NS)
-    proxy = inbound.Inbound(
-        policy=lambda: compiled(*ALLOW_VOTE_BOT, mesh=STRICT),
-        server_context=lambda require: tls.server_context(
-            tmp_path / "p", own, mesh.anchors, require_client_certificate=require
-        ),
-        pod="web-0",
-        labels={"app": "web"},
-    )
-    server = await proxy.serve("127.0.0.1", 0, app.sockets[0].getsockname()[1], policy_port=8080)
-    try:
-        assert await talk(server.port, client(tmp_path, mesh, "intruder")) == b""
+    policy = compiled(*ALLOW_VOTE_BOT, mesh=STRICT)
+    mesh = Mesh()
+    async with workload(tmp_path, mesh, policy, sink(received)) as (port, _):
+        assert await talk(port, client(tmp_path, mesh, "intruder")) == b""
         await asyncio.sleep(0.2)
-        assert received == []
-    finally:
-        server.close()
-        await server.wait_closed()
-        app.close()
+    assert received == []
 
 
 def _client_trusting(tmp: pathlib.Path, mesh: Mesh, ours: Mesh, sa: str) -> ssl.SSLContext:
@@ -240,29 +234,9 @@ async def test_permissive_tls_without_a_client_certificate(
 
 
 async def test_plaintext_under_strict_gets_no_byte_to_the_app(tmp_path: pathlib.Path) -> None:
-    mesh = Mesh()
     received: list[bytes] = []
-
-    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        received.append(await reader.read())
-        writer.close()
-
-    app = await asyncio.start_server(sink, "127.0.0.1", 0)
-    own = mesh.workload(tmp_path / "p", "web", ns=builders.NS)
-    proxy = inbound.Inbound(
-        policy=lambda: compiled(default=DefaultPolicy.ALL_UNAUTHENTICATED, mesh=STRICT),
-        server_context=lambda require: tls.server_context(
-            tmp_path / "p", own, mesh.anchors, require_client_certificate=require
-        ),
-        pod="web-0",
-        labels={"app": "web"},
-    )
-    server = await proxy.serve("127.0.0.1", 0, app.sockets[0].getsockname()[1], policy_port=8080)
-    try:
-        assert await talk(server.port, None) == b""
+    policy = compiled(default=DefaultPolicy.ALL_UNAUTHENTICATED, mesh=STRICT)
+    async with workload(tmp_path, Mesh(), policy, sink(received)) as (port, proxy):
+        assert await talk(port, None) == b""
         await asyncio.sleep(0.2)
         assert received == [] and proxy.counters.plaintext_refused == 1
-    finally:
-        server.close()
-        await server.wait_closed()
-        app.close()
