@@ -6,7 +6,8 @@
     ├── PolicyError            policy is invalid, missing or unreadable
     │   ├── InvalidResource    a resource fails validation (what, and how to fix it)
     │   ├── PolicyNotFound     a namespace has no compiled policy document
-    │   └── PodNotFound        a pod named in a question does not exist
+    │   ├── PodNotFound        a pod named in a question does not exist
+    │   └── PolicyAccessDenied a certificate does not entitle its holder to the policy it asked for
     ├── IdentityError          a certificate can not be issued or trusted
     │   ├── InvalidCSR         the CSR is malformed, oversized, badly signed or has a weak key
     │   ├── InvalidIdentity    the requested identity is not a well-formed mesh identity
@@ -52,6 +53,11 @@ class PolicyNotFound(PolicyError):
 
 class PodNotFound(PolicyError):
     """A pod named in a question does not exist."""
+
+
+class PolicyAccessDenied(PolicyError):
+    """A proxy asked for policy its certificate does not entitle it to: another namespace's, or
+    any from a certificate of another trust domain."""
 
 
 class ClusterUnreachable(MeshwardError):

@@ -93,9 +93,11 @@ def operator(
 
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest, core: client.CoreV1Api) -> Iterator[str]:
-    """A fresh namespace for one test, deleted afterwards (deletion is not awaited)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"t-{slug}-{uuid.uuid4().hex[:5]}"
+    """A fresh namespace for one test, deleted afterwards (deletion is not awaited). Tests
+    marked ``unmanaged`` get one the test operator leaves alone (:data:`kubetest.UNMANAGED`)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:30].strip("-")
+    prefix = kubetest.UNMANAGED if request.node.get_closest_marker("unmanaged") else "t-"
+    name = f"{prefix}{slug}-{uuid.uuid4().hex[:5]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)

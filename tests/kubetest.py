@@ -149,6 +149,11 @@ def wait_service_account(core: client.CoreV1Api, namespace: str) -> None:
     )
 
 
+UNMANAGED = "t-unmanaged-"
+"""Namespaces named with this prefix are left alone by the test operator: tests that write a
+policy document by hand use them (the operator would restore its own document)."""
+
+
 class Operator:
     """The operator as a user runs it, in its own process.
 
@@ -177,6 +182,7 @@ class Operator:
             "MESHWARD_WEBHOOK_PORT": str(self.webhook_port),
             "MESHWARD_WEBHOOK_NAME": self.webhook_name,
             "MESHWARD_ROOT_NAMESPACE": self.root_namespace,
+            "MESHWARD_EXCLUDED_NAMESPACES": f"kube-system,kube-public,kube-node-lease,{UNMANAGED}*",
             **self.extra_env,
         }
 

@@ -89,3 +89,11 @@ async def test_pod_status_churn_does_not_rebuild() -> None:
     rec.pod_changed("ns", _pod_body())
     await rec.close()
     assert rec.marked == ["ns"] * 5
+
+
+def test_excluded_namespaces_by_name_or_pattern() -> None:
+    settings = _settings.from_env({"MESHWARD_EXCLUDED_NAMESPACES": "kube-system, team-*"})
+    assert settings.excludes("kube-system") and settings.excludes("team-a")
+    assert not settings.excludes("kube-public") and not settings.excludes("my-team-a")
+    default = _settings.from_env({})
+    assert default.excludes("kube-node-lease") and not default.excludes("default")

@@ -25,7 +25,7 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshward import errors, kube
-from meshward.identity import authority, pki, tokens
+from meshward.identity import authority, pki, serving, tokens
 from meshward.identity._proto import identity_pb2, identity_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -131,66 +131,6 @@ class IdentityServicer(identity_pb2_grpc.IdentityServicer):
         )
 
 
-SERVING_LIFETIME = datetime.timedelta(hours=24)
-
-
-class _ServingCertificate:
-    """The service's own TLS certificate: re-issued when the issuer changes, and when half of
-    its life has passed (it is short-lived like any leaf, and must never lapse)."""
-
-    def __init__(self, settings: Settings, material: authority.TrustMaterial) -> None:
-        self._settings = settings
-        self.renew_at = datetime.datetime.now(datetime.UTC)
-        self.current = self._issue(material)
-        self._pending: grpc.ServerCertificateConfiguration | None = None
-
-    def _issue(self, material: authority.TrustMaterial) -> grpc.ServerCertificateConfiguration:
-        cert, key = pki.new_server_certificate(
-            material.issuer, self._settings.server_names, SERVING_LIFETIME
-        )
-        self.renew_at = (
-            cert.not_valid_before_utc + (cert.not_valid_after_utc - cert.not_valid_before_utc) / 2
-        )
-        chain = pki.to_pem(cert, material.issuer.certificate, *material.issuer.chain)
-        return grpc.ssl_server_certificate_configuration([(pki.key_to_pem(key), chain)])
-
-    def replace(self, material: authority.TrustMaterial) -> None:
-        self._pending = self.current = self._issue(material)
-
-    def due(self) -> bool:
-        return datetime.datetime.now(datetime.UTC) >= self.renew_at
-
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """Called by grpc on each new connection: the new configuration once, then None."""
-        pending, self._pending = self._pending, None
-        return pending
-
-
-async def _admin(settings: Settings, metrics: Metrics, ready: asyncio.Event) -> web.AppRunner:
-    async def metrics_handler(_: web.Request) -> web.Response:
-        body = prometheus_client.generate_latest(metrics.registry)
-        return web.Response(body=body, content_type="text/plain", charset="utf-8")
-
-    async def ready_handler(_: web.Request) -> web.Response:
-        return web.Response(
-            text="ready\n" if ready.is_set() else "not ready\n",
-            status=200 if ready.is_set() else 503,
-        )
-
-    async def live_handler(_: web.Request) -> web.Response:
-        return web.Response(text="live\n")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/ready", ready_handler)
-    app.router.add_get("/live", live_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, _, port = settings.admin_address.rpartition(":")
-    await web.TCPSite(runner, host or "0.0.0.0", int(port)).start()
-    return runner
-
-
 @dataclasses.dataclass
 class Running:
     """A started service: its bound port and how to stop it."""
@@ -224,7 +164,7 @@ async def start(settings: Settings) -> Running:
     ca = authority.Authority(material, settings.trust_domain, settings.lifetime)
     metrics = Metrics()
     metrics.issuer_expiry.set(material.issuer.certificate.not_valid_after_utc.timestamp())
-    serving = _ServingCertificate(settings, material)
+    certificate = serving.ServingCertificate(settings.server_names, material)
 
     server = grpc.aio.server()
     identity_pb2_grpc.add_IdentityServicer_to_server(  # type: ignore[no-untyped-call]
@@ -232,14 +172,13 @@ async def start(settings: Settings) -> Running:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    credentials = grpc.dynamic_ssl_server_credentials(serving.current, serving.fetch)
-    port = server.add_secure_port(settings.address, credentials)
+    port = server.add_secure_port(settings.address, certificate.credentials())
     if port == 0:
         await api.close()
         raise errors.ConfigError(f"can not listen on {settings.address}: is the port taken?")
     await server.start()
     ready = asyncio.Event()
-    admin = await _admin(settings, metrics, ready)
+    admin = await serving.admin(settings.admin_address, metrics.registry, ready)
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     ready.set()
@@ -251,10 +190,10 @@ async def start(settings: Settings) -> Running:
             fresh = source.changed()
             if fresh is not None:
                 ca.material = fresh
-                serving.replace(fresh)
+                certificate.replace(fresh)
                 metrics.issuer_expiry.set(fresh.issuer.certificate.not_valid_after_utc.timestamp())
-            elif serving.due():
-                serving.replace(ca.material)
+            elif certificate.due():
+                certificate.replace(ca.material)
             expired = ca.material.issuer.certificate.not_valid_after_utc <= datetime.datetime.now(
                 datetime.UTC
             )

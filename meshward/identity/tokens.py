@@ -15,6 +15,7 @@ import aiohttp
 from kubernetes_asyncio import client
 
 from meshward import errors
+from meshward.identity import serving
 from meshward.policy import resources
 
 AUDIENCE = "identity.meshward.io"
@@ -56,7 +57,7 @@ class Reviewer:
     def __init__(self, api: client.ApiClient, audience: str = AUDIENCE) -> None:
         # Any: called with _preload_content=False it returns the raw aiohttp response.
         self._auth: Any = client.AuthenticationV1Api(api)
-        self._authz = client.AuthorizationV1Api(api)
+        self._api = api
         self._host = api.configuration.host
         self.audience = audience
 
@@ -121,26 +122,10 @@ class Reviewer:
 
     async def check_permission(self) -> None:
         """Refuse to start without RBAC to create TokenReviews, and say what to grant."""
-        review = client.V1SelfSubjectAccessReview(
-            spec=client.V1SelfSubjectAccessReviewSpec(
-                resource_attributes=client.V1ResourceAttributes(
-                    group="authentication.k8s.io", resource="tokenreviews", verb="create"
-                )
-            )
-        )
-        try:
-            result = await self._authz.create_self_subject_access_review(
-                review, _request_timeout=REVIEW_TIMEOUT
-            )
-        except client.exceptions.ApiException as exc:
-            raise errors.ClusterUnreachable(
-                f"SelfSubjectAccessReview failed at {self._host}: HTTP {exc.status} {exc.reason}"
-            ) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise errors.ClusterUnreachable(
-                f"the API server at {self._host} did not answer: {type(exc).__name__} {exc}"
-            ) from exc
-        if not (result.status and result.status.allowed):
+        wanted = [
+            serving.Access(group="authentication.k8s.io", resource="tokenreviews", verb="create")
+        ]
+        if await serving.missing_access(self._api, wanted):
             raise errors.ConfigError(
                 f"the identity service may not create TokenReviews: {RBAC_HINT}"
             )

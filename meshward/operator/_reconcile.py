@@ -83,7 +83,7 @@ class Reconciler:
 
     def mark(self, namespace: str | None, delay: float = DEBOUNCE) -> None:
         """Ask for ``namespace`` to be rebuilt soon."""
-        if not namespace or namespace in self._settings.excluded_namespaces:
+        if not namespace or self._settings.excludes(namespace):
             return
         if namespace in self._pending:
             return

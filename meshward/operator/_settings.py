@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import ipaddress
 import os
 
@@ -36,6 +37,13 @@ class OperatorSettings:
     excluded_namespaces: frozenset[str] = frozenset(
         {"kube-system", "kube-public", "kube-node-lease"}
     )
+    """Names, or patterns with ``*`` (``team-*``), of namespaces the operator leaves alone."""
+
+    def excludes(self, namespace: str) -> bool:
+        return namespace in self.excluded_namespaces or any(
+            "*" in pattern and fnmatch.fnmatchcase(namespace, pattern)
+            for pattern in self.excluded_namespaces
+        )
 
 
 def _bad(var: str, value: str, expected: str) -> errors.ConfigError:

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for policy.proto (regenerate with ``make proto``; never edit by hand)."""

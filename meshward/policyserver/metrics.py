@@ -1,0 +1,36 @@
+"""The policy server's Prometheus metrics, in a registry of their own (several services may
+share a process, as they do in tests)."""
+
+from __future__ import annotations
+
+import prometheus_client
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        self.watchers = prometheus_client.Gauge(
+            "policy_watchers", "Watch streams open now", registry=self.registry
+        )
+        self.updates_sent = prometheus_client.Counter(
+            "policy_updates_sent", "Documents sent to proxies", registry=self.registry
+        )
+        self.watches_refused = prometheus_client.Counter(
+            "policy_watches_refused",
+            "Watch calls refused, by gRPC status code name",
+            ["code"],
+            registry=self.registry,
+        )
+        self.documents = prometheus_client.Gauge(
+            "policy_documents", "Namespaces with a valid document to serve", registry=self.registry
+        )
+        self.documents_refused = prometheus_client.Counter(
+            "policy_documents_refused",
+            "ConfigMap documents refused (unparsable, bad hash, wrong namespace)",
+            registry=self.registry,
+        )
+        self.source_errors = prometheus_client.Counter(
+            "policy_source_errors",
+            "Failed lists and watches of the meshward-policy ConfigMaps",
+            registry=self.registry,
+        )

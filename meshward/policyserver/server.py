@@ -1,0 +1,327 @@
+"""``meshward policy serve``: the Policy API over mutual TLS, plus health, metrics and reloads.
+
+Only a mesh workload may watch, and only its own namespace: the TLS handshake requires a client
+certificate chained to the trust anchors, and each Watch reads the namespace from that
+certificate's SPIFFE ID (``spiffe://<td>/ns/<ns>/sa/<sa>``). A stream lives no longer than the
+certificate that opened it; the proxy reconnects with its renewed one.
+
+The serving certificate is issued from the mesh issuer like the identity service's (see
+:mod:`meshward.identity.serving`), and the anchors it requires of clients follow the trust
+material on disk. Everything runs on one asyncio loop: gRPC, the ConfigMap watch, the admin
+HTTP server, the reload poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import grpc
+import yaml
+from cryptography import x509
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from kubernetes_asyncio import config
+
+from meshward import errors, kube
+from meshward.identity import authority, pki, serving
+from meshward.policyserver import configmaps, documents, metrics
+from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "meshward.policy.v1.Policy"
+NAMESPACE, SERVICE_ACCOUNT = "meshward", "meshward-policy"
+"""Where the server runs, and as whom: its mesh identity name is its default server name."""
+RELOAD_INTERVAL = 1.0
+NEEDED = (
+    serving.Access(group="", resource="configmaps", verb="list"),
+    serving.Access(group="", resource="configmaps", verb="watch"),
+)
+RBAC_HINT = (
+    "bind its ServiceAccount to a ClusterRole with the rule "
+    '{apiGroups: [""], resources: [configmaps], verbs: [list, watch]}'
+)
+OPTIONS = (
+    # Find proxies that vanished without closing (their watcher would linger), and let the
+    # proxies' own keepalive pings through on an otherwise quiet stream.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+_MAX_ECHO = 63
+"""Longest requested namespace quoted back in an error (a DNS label's limit)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    trust_domain: str
+    issuer_dir: pathlib.Path
+    anchors_file: pathlib.Path
+    address: str = "0.0.0.0:8090"
+    admin_address: str = "0.0.0.0:9991"
+    server_names: tuple[str, ...] = ("localhost",)
+    """DNS SANs of the serving certificate (proxies check one against the target name)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who opened a Watch, from its verified client certificate."""
+
+    identity: pki.Identity
+    expires: datetime.datetime
+
+
+def authenticate(auth_context: Mapping[str, Sequence[bytes]], trust_domain: str) -> Caller:
+    """The caller's mesh identity, read from the certificate grpc verified in the handshake.
+
+    Raises UntrustedChain or InvalidIdentity (UNAUTHENTICATED) when the certificate names no
+    workload, PolicyAccessDenied (PERMISSION_DENIED) when it is of another trust domain.
+    """
+    pems = auth_context.get("x509_pem_cert") or []
+    if not pems:
+        raise errors.UntrustedChain(
+            "no client certificate: connect with the workload's mesh certificate"
+        )
+    try:
+        cert = x509.load_pem_x509_certificate(pems[0])
+    except ValueError as exc:
+        raise errors.UntrustedChain(f"the client certificate is unreadable: {exc}") from exc
+    uri = pki.spiffe_id(cert)
+    if uri is None:
+        raise errors.UntrustedChain(
+            "the client certificate carries no SPIFFE ID (exactly one spiffe:// URI SAN): "
+            "connect with the workload certificate the identity service issued"
+        )
+    domain, _, path = uri.removeprefix("spiffe://").partition("/")
+    if domain != trust_domain:
+        raise errors.PolicyAccessDenied(
+            f"the client certificate {uri} is of trust domain {domain!r}, and this mesh is "
+            f"{trust_domain!r}: use a certificate from this mesh's identity service"
+        )
+    parts = path.split("/")
+    try:
+        if len(parts) != 4 or parts[0] != "ns" or parts[2] != "sa":
+            raise errors.InvalidIdentity("not of the form spiffe://<td>/ns/<ns>/sa/<sa>")
+        identity = pki.Identity(namespace=parts[1], service_account=parts[3], trust_domain=domain)
+    except errors.InvalidIdentity as exc:
+        raise errors.InvalidIdentity(
+            f"the client certificate's SPIFFE ID {uri} names no workload ({exc}): connect with "
+            "the workload certificate the identity service issued"
+        ) from exc
+    return Caller(identity=identity, expires=cert.not_valid_after_utc)
+
+
+def authorize(caller: Caller, namespace: str) -> None:
+    """PolicyAccessDenied unless ``caller`` may watch ``namespace`` (only its own)."""
+    if namespace != caller.identity.namespace:
+        shown = namespace if len(namespace) <= _MAX_ECHO else namespace[:_MAX_ECHO] + "..."
+        raise errors.PolicyAccessDenied(
+            f"the certificate of {caller.identity.spiffe_id} allows watching namespace "
+            f"{caller.identity.namespace!r} only, not {shown!r}: ask for your own namespace"
+        )
+
+
+def own_identity(trust_domain: str) -> pki.Identity:
+    return pki.Identity(NAMESPACE, SERVICE_ACCOUNT, trust_domain)
+
+
+def status_for(exc: errors.MeshwardError) -> grpc.StatusCode:
+    if isinstance(exc, errors.PolicyAccessDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, errors.IdentityError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    return grpc.StatusCode.INTERNAL
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServicer):
+    def __init__(
+        self, store: documents.Documents, counters: metrics.Metrics, trust_domain: str
+    ) -> None:
+        self._store = store
+        self._metrics = counters
+        self._trust_domain = trust_domain
+
+    async def Watch(
+        self, request: policy_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        namespace = request.namespace
+        try:
+            caller = authenticate(context.auth_context(), self._trust_domain)
+            authorize(caller, namespace)
+        except (errors.IdentityError, errors.PolicyError) as exc:
+            code = status_for(exc)
+            self._metrics.watches_refused.labels(code=code.name.lower()).inc()
+            logger.info("watch refused: %s: %s", code.name, exc)
+            await context.abort(code, str(exc))
+            raise  # abort raises; this line is never reached
+        # Headers now tell the proxy it is in, even before its namespace has a document.
+        await context.send_initial_metadata(())
+        self._metrics.watchers.inc()
+        logger.debug("%s watches namespace %s", caller.identity.spiffe_id, namespace)
+        left = (caller.expires - datetime.datetime.now(datetime.UTC)).total_seconds()
+        try:
+            async with asyncio.timeout(left):
+                async for entry in self._store.follow(namespace):
+                    await context.write(
+                        policy_pb2.PolicyUpdate(document=entry.raw, hash=entry.hash)
+                    )
+                    self._metrics.updates_sent.inc()
+        except TimeoutError:
+            logger.debug("watch by %s ended: its certificate expired", caller.identity.spiffe_id)
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the client certificate expired at {caller.expires.isoformat()}: reconnect "
+                "with the renewed one",
+            )
+        finally:
+            self._metrics.watchers.dec()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the policy server is stopping")
+
+
+@dataclasses.dataclass
+class Running:
+    """A started server: its bound ports, what it serves, and how to stop it."""
+
+    port: int
+    admin_port: int
+    server: grpc.aio.Server
+    store: documents.Documents
+    synced: asyncio.Event
+    """Set once every namespace's ConfigMap has been read (then the server reports ready)."""
+    _cleanup: contextlib.AsyncExitStack
+
+    async def stop(self) -> None:
+        """End every Watch with UNAVAILABLE, then close the servers and the API client."""
+        await self._cleanup.aclose()
+
+
+async def _reload(
+    source: authority.FileSource,
+    material: authority.TrustMaterial,
+    certificate: serving.ServingCertificate,
+) -> None:
+    """Re-issue the serving certificate when the trust material changes or half its life
+    has passed; a failure keeps the current one and is retried."""
+    failing = False
+    while True:
+        await asyncio.sleep(RELOAD_INTERVAL)
+        try:
+            fresh = source.changed()
+            if fresh is not None:
+                material = fresh
+                certificate.replace(fresh)
+            elif certificate.due():
+                certificate.replace(material)
+        except errors.IdentityError as exc:
+            if not failing:
+                logger.error("can not re-issue the serving certificate, keeping it: %s", exc)
+            failing = True
+        else:
+            failing = False
+
+
+async def _become_ready(
+    source: configmaps.ConfigMapSource,
+    health_servicer: health.aio.HealthServicer,
+    ready: asyncio.Event,
+) -> None:
+    await source.synced.wait()
+    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    ready.set()
+
+
+async def start(settings: Settings) -> Running:
+    """Check settings, trust material and RBAC, then serve; raises before serving if any is
+    wrong. The server is ready once the ConfigMaps have been read (``Running.synced``)."""
+    own = own_identity(settings.trust_domain)  # also checks the trust domain
+    source = authority.FileSource(settings.issuer_dir, settings.anchors_file)
+    material = source.load()
+    certificate = serving.ServingCertificate(settings.server_names, material, verify_clients=True)
+    try:
+        api = await kube.connect()
+    except (config.ConfigException, OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+        # TypeError, ValueError: what kubernetes_asyncio raises on some malformed kubeconfigs
+        raise errors.ConfigError(
+            f"can not load the cluster configuration ({exc}): set KUBECONFIG to a kubeconfig "
+            "file, or run in a pod with a ServiceAccount"
+        ) from exc
+    stack = contextlib.AsyncExitStack()
+    try:
+        stack.push_async_callback(api.close)
+        missing = await serving.missing_access(api, NEEDED)
+        if missing:
+            verbs = " or ".join(access.verb for access in missing)
+            raise errors.ConfigError(
+                f"the policy server may not {verbs} configmaps cluster-wide: {RBAC_HINT}"
+            )
+        store = documents.Documents()
+        counters = metrics.Metrics()
+        watch = configmaps.ConfigMapSource(api, store, counters)
+
+        server = grpc.aio.server(options=OPTIONS)
+        policy_pb2_grpc.add_PolicyServicer_to_server(  # type: ignore[no-untyped-call]
+            PolicyServicer(store, counters, settings.trust_domain), server
+        )
+        stack.push_async_callback(server.stop, 1.0)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = server.add_secure_port(settings.address, certificate.credentials())
+        if port == 0:
+            raise errors.ConfigError(
+                f"can not listen on {settings.address}: is the port taken? pass a free host:port"
+            )
+        await server.start()
+        stack.callback(store.close)  # runs first: open Watches end before the server stops
+
+        ready = asyncio.Event()
+        admin = await serving.admin(settings.admin_address, counters.registry, ready)
+        stack.push_async_callback(admin.cleanup)
+        admin_port = int(admin.addresses[0][1])
+
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(watch.run()),
+            loop.create_task(_reload(source, material, certificate)),
+            loop.create_task(_become_ready(watch, health_servicer, ready)),
+        ]
+
+        async def cancel() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        stack.push_async_callback(cancel)
+        logger.info(
+            "policy server %s listening on port %d (trust domain %s), admin on port %d",
+            own.dns_name,
+            port,
+            settings.trust_domain,
+            admin_port,
+        )
+    except BaseException:
+        await stack.aclose()
+        raise
+    return Running(
+        port=port,
+        admin_port=admin_port,
+        server=server,
+        store=store,
+        synced=watch.synced,
+        _cleanup=stack,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    running = await start(settings)
+    try:
+        await running.server.wait_for_termination()
+    finally:
+        await running.stop()
