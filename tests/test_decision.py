@@ -990,3 +990,61 @@ def test_disable_denial_explains_the_missing_identity() -> None:
     assert not with_identity.allowed and not plaintext.allowed
     assert "DISABLE" in with_identity.reason
     assert "DISABLE" not in plaintext.reason
+
+
+# -- what the proxy asks before it parses: the declared protocol, whether routes matter ------
+
+
+def _server_speaking(name: str, port: int | str, protocol: str) -> resources.Server:
+    return resources.Server.model_validate(
+        {
+            "metadata": meta(name),
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "port": port,
+                "proxyProtocol": protocol,
+            },
+        }
+    )
+
+
+def test_proxy_protocol_is_the_covering_servers() -> None:
+    web = pod("web-0", "web", {"http": 8080, "grpc": 9090})
+    pol = build(
+        _server_speaking("web-http", "http", "HTTP/1"),
+        _server_speaking("web-grpc", 9090, "gRPC"),
+        _server_speaking("web-db", 5432, "opaque"),
+        server("web-plain", 7000),
+        pods=(web,),
+    )
+    P = resources.ProxyProtocol
+    assert pol.proxy_protocol(D(8080)) is P.HTTP1  # through the pod's named port
+    assert pol.proxy_protocol(D(9090)) is P.GRPC
+    assert pol.proxy_protocol(D(5432)) is P.OPAQUE
+    assert pol.proxy_protocol(D(7000)) is P.UNKNOWN  # declared nothing: detect
+    assert pol.proxy_protocol(D(6000)) is None  # no Server at all
+    assert pol.proxy_protocol(D(9090, None, app="web")) is P.GRPC  # labels only
+    assert pol.proxy_protocol(D(9090, None, app="db")) is None
+
+
+def test_routes_matter_where_a_probe_or_an_http_rule_can_change_the_outcome() -> None:
+    pol = SCENARIOS["probes"]()  # Server on 8080 (no routes); probes on 8081, and 8080
+    assert pol.routes_matter(D(8081))  # no Server, probe paths: GET /healthz differs
+    assert not pol.routes_matter(D(8080))  # the Server decides, its probe path does not count
+    assert not pol.routes_matter(D(9000))  # no Server, no probe
+    assert not pol.routes_matter(D(8081, None, app="web"))  # pod unknown: no probes known
+    # ...and that answer agrees with decide(): on 8081 a path changes the outcome
+    assert decide(pol, D(8081), PLAIN_OUT, Request("GET", "/healthz")).allowed
+    assert not decide(pol, D(8081), PLAIN_OUT, Request("GET", "/admin")).allowed
+
+    doc = SCENARIOS["numeric_port"]().document
+    srv = doc.servers[0]
+    route = compiled.Rule(
+        kind="probe", name="metrics", http=compiled.HTTPMatch(method="GET", path="/metrics")
+    )
+    with_route = Policy(
+        doc.model_copy(update={"servers": (srv.model_copy(update={"rules": (route,)}),)})
+    )
+    assert with_route.routes_matter(D(8080))
+    assert with_route.routes_matter(D(8080, None, app="web"))
+    assert not SCENARIOS["numeric_port"]().routes_matter(D(8080))

@@ -187,3 +187,41 @@ async def test_tls_leg_does_not_hang_on_a_peer_waiting_for_eof(tmp_path: pathlib
     finally:
         relay.close()
         app.close()
+
+
+async def test_a_connection_cut_short_still_counts_what_it_carried() -> None:
+    """Metrics read the tally as bytes flow: a connection aborted mid-way (a policy update
+    closing it, say) has its bytes counted all the same."""
+    tally = forward.Transferred()
+    spliced = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readexactly(5) + b"!")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    app = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    legs: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up = await asyncio.open_connection("127.0.0.1", port(app))
+        legs.extend((writer, up[1]))
+        spliced.set()
+        await forward.splice((reader, writer), up, tally=tally)
+
+    relay = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(b"hello")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(6), 5) == b"hello!"
+        await spliced.wait()
+        for leg in legs:
+            leg.transport.abort()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert (tally.a_to_b, tally.b_to_a) == (5, 6)
+    finally:
+        relay.close()
+        app.close()

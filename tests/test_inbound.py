@@ -83,7 +83,8 @@ async def settled(proxy: inbound.Inbound) -> inbound.Counters:
     finishing a handshake the client already gave up on)."""
     c = proxy.counters
     for _ in range(100):
-        if c.accepted == c.allowed + c.denied + c.plaintext_refused + c.handshake_failed:
+        decided = c.allowed + c.denied + c.per_request
+        if c.accepted == decided + c.plaintext_refused + c.handshake_failed:
             break
         await asyncio.sleep(0.05)
     return c

@@ -110,3 +110,27 @@ async def test_a_peer_without_mesh_identity_is_refused_even_with_no_expectation(
     finally:
         server.close()
     assert (proxy.counters.connected, proxy.counters.refused_identity) == (0, 1)
+
+
+async def test_outbound_counts_connections_bytes_and_failed_handshakes(
+    tmp_path: pathlib.Path,
+) -> None:
+    from tests.test_inbound_http import sample
+
+    mesh = Mesh()
+    proxy = vote_bot(tmp_path, mesh)
+    strict = compiled(*ALLOW_VOTE_BOT, mesh=STRICT)
+    async with workload(tmp_path / "ours", mesh, strict) as (port, _):
+        assert await call(proxy, outbound.Route("127.0.0.1", port, WEB)) == b"vote\n"
+    async with workload(tmp_path / "theirs", Mesh(), compiled(*ALLOW_VOTE_BOT)) as (port, _):
+        assert await call(proxy, outbound.Route("127.0.0.1", port, None)) == b""
+    for _ in range(100):
+        if sample(proxy.metrics, "tcp_close_total", direction="outbound") == 2:
+            break
+        await asyncio.sleep(0.02)
+    m = proxy.metrics
+    assert sample(m, "tcp_open_total", direction="outbound") == 2
+    assert sample(m, "tcp_open_connections", direction="outbound") == 0
+    assert sample(m, "tcp_read_bytes_total", direction="outbound") == len(b"vote\n")
+    assert sample(m, "tcp_write_bytes_total", direction="outbound") == len(b"vote\n")
+    assert sample(m, "tls_handshake_failures_total", direction="outbound") == 1

@@ -295,7 +295,17 @@ class _Rule:
 
 
 class _Server:
-    __slots__ = ("access_policy", "by_client", "name", "port", "rules", "selector", "unresolved")
+    __slots__ = (
+        "access_policy",
+        "by_client",
+        "has_routes",
+        "name",
+        "port",
+        "protocol",
+        "rules",
+        "selector",
+        "unresolved",
+    )
 
     def __init__(self, server: compiled.Server) -> None:
         self.name = server.name
@@ -310,6 +320,9 @@ class _Server:
         """Appended to the reason when this Server decides a port it may not cover."""
         self.access_policy = server.access_policy.value
         self.rules = tuple(_Rule(r, server.name) for r in server.rules)
+        self.has_routes = any(r.http is not None for r in self.rules)
+        """Whether a request's method and path can change a decision on this Server."""
+        self.protocol = server.proxy_protocol
         self.selector = _Selector(server.pod_selector)
         self.by_client: dict[tuple[str | None, bool], tuple[_Rule, ...]] = {}
 
@@ -334,7 +347,7 @@ class _Server:
 
 
 class _Pod:
-    __slots__ = ("default", "mtls_default", "mtls_ports", "probes", "servers")
+    __slots__ = ("default", "mtls_default", "mtls_ports", "probe_ports", "probes", "servers")
 
     def __init__(
         self,
@@ -346,6 +359,7 @@ class _Pod:
         self.servers = servers
         self.default = default
         self.probes = probes
+        self.probe_ports = frozenset(port for port, _ in probes)
         self.mtls_default, self.mtls_ports = mtls
 
 
@@ -513,6 +527,35 @@ class Policy:
         else:
             default, ports = self._mtls_chain(dest.labels)
         return ports.get(dest.port, default)[0]
+
+    def _covering(self, dest: Destination) -> tuple[_Server | None, _Pod | None]:
+        """(the Server covering ``dest``, its pod if known): what :meth:`decide` resolves."""
+        pod = self._pods.get(dest.pod) if dest.pod is not None else None
+        if pod is not None:
+            return pod.servers.get(dest.port), pod
+        label_key = (dest.port, frozenset(dest.labels.items()))
+        resolved = self._by_labels.get(label_key)
+        if resolved is None:
+            if len(self._by_labels) >= _MEMO_LIMIT:
+                self._by_labels.clear()
+            resolved = self._by_labels[label_key] = self._resolve_labels(dest.port, dest.labels)
+        return resolved[0], None
+
+    def proxy_protocol(self, dest: Destination) -> resources.ProxyProtocol | None:
+        """The protocol the covering Server declares, or None when no Server covers ``dest``
+        (the proxy then detects it from the first bytes)."""
+        server, _ = self._covering(dest)
+        return None if server is None else server.protocol
+
+    def routes_matter(self, dest: Destination) -> bool:
+        """Whether a request's method and path can change a decision on ``dest``: the covering
+        Server has a rule restricted to an HTTP route, or no Server covers it and the pod has a
+        probe path on this port. When False, one decision per connection (``request`` None)
+        is as good as one per request, and the proxy need not parse HTTP at all."""
+        server, pod = self._covering(dest)
+        if server is not None:
+            return server.has_routes
+        return pod is not None and dest.port in pod.probe_ports
 
     # -- deciding --
 

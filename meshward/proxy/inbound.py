@@ -1,14 +1,36 @@
-"""The inbound side: every connection to the workload is checked before a byte reaches it.
+"""The inbound side: every connection to the workload, and on HTTP ports every request, is
+checked before a byte of it reaches the application.
 
 For each accepted connection: peek at the first bytes (nothing consumed), let the port's
 effective mTLS mode decide how to treat them (STRICT refuses plaintext; PERMISSIVE takes TLS or
 plaintext; DISABLE passes bytes through untouched), terminate TLS and read the client's SPIFFE ID
-from its verified certificate, ask :func:`meshward.policy.decision.decide`, then either splice the
-connection to the application or close it without forwarding a byte. No policy yet means deny.
+from its verified certificate. Then the protocol of the (decrypted) stream: the one the covering
+Server declares, else detected from its first bytes (:mod:`meshward.proxy.detect`). No policy
+yet means deny.
 
-This module decides per connection. Per-request decisions on HTTP ports (403, gRPC status 7, the
-probe-path allowances) are the next layer and are not built yet; until then an HTTP port is
-decided as a TCP connection.
+- Where a request's method and path can not change the outcome
+  (:meth:`~meshward.policy.decision.Policy.routes_matter` is False), one decision per
+  connection: allowed, the bytes are spliced to the application unparsed (the fast path, which
+  does not even wait to learn the protocol); denied, a TCP connection is closed without
+  forwarding a byte, an HTTP/1 client gets 403 for its first request, an HTTP/2 client a gRPC
+  PERMISSION_DENIED or a 403 on each request (:mod:`meshward.proxy.grpc_deny`), then the
+  connection is closed.
+- Where they can (probe paths on a port no Server covers, HTTP route rules), HTTP/1 is decided
+  request by request (:mod:`meshward.proxy.http`): allowed requests are forwarded, keep-alive
+  and pipelining included; at the first denied request the proxy stops reading, lets the
+  application answer every request already forwarded, then answers 403 and closes. A plaintext
+  HTTP/1 client under STRICT is let this far, so that a kubelet probe (which can not speak mTLS)
+  reaches its probe path while every other request is refused.
+- HTTP/2 where routes matter is decided per connection with no request (fail closed: a rule
+  that needs a route never matches), because refusing one stream of a multiplexed connection
+  while forwarding the others would need a full HTTP/2 proxy.
+
+Live connections: :meth:`Inbound.revalidate` re-decides every allowed connection against a new
+policy and closes those it no longer allows (both legs, counted as terminated); the others are
+not touched. New connections take the new policy as soon as the ``policy`` callable returns it.
+
+Bounded: at most ``max_connections`` at once (beyond, a connection is closed at once), and every
+wait on a client (detection, handshake, a refused client's request) has a deadline.
 
 How connections arrive is the caller's business (``serve`` binds a port in local mode); the
 handler takes an accepted socket and the destination port that policy should see.
@@ -25,32 +47,99 @@ import ssl
 from collections.abc import Callable
 
 from meshward import errors
+from meshward.policy import compile as policy_compile
 from meshward.policy import decision, resources
-from meshward.proxy import detect, forward, tls
+from meshward.proxy import detect, forward, grpc_deny, http, tls
+from meshward.proxy import metrics as proxy_metrics
 
 logger = logging.getLogger(__name__)
 
 DETECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
+REFUSAL_TIMEOUT = 10.0
+"""How long a refused HTTP client has to send the request the refusal answers."""
+LINGER = 2.0
+"""After a refusal, how long the client's unread bytes are drained before closing, so the
+kernel does not reset the connection (and discard the answer) over them."""
+LINGER_BYTES = 1 << 20
+OVER_LIMIT_LOG_INTERVAL = 1.0
+ANSWER_TIMEOUT = 30.0
+"""After the client finished sending, how long the application has to answer what it was sent."""
 
 
 @dataclasses.dataclass
 class Counters:
-    """What happened to connections, for metrics and tests."""
+    """What happened to connections and requests, for tests (metrics has the labelled ones)."""
 
     accepted: int = 0
     allowed: int = 0
+    """Connections allowed with one decision (spliced)."""
     denied: int = 0
+    """Connections refused with one decision."""
     plaintext_refused: int = 0
     handshake_failed: int = 0
+    per_request: int = 0
+    """Connections decided request by request (HTTP/1 where routes matter)."""
+    requests_allowed: int = 0
+    requests_denied: int = 0
+    terminated: int = 0
+    """Live connections closed by :meth:`Inbound.revalidate`."""
+    over_limit: int = 0
+    """Connections closed at once because ``max_connections`` were open."""
 
 
 ServerContext = Callable[[bool], ssl.SSLContext | None]
 """Given whether a client certificate is required, the current server context (None: no
 certificate yet, so TLS can not be served)."""
 
+_Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class _Conn:
+    """One accepted connection: what revalidation needs, and the bytes metrics count."""
+
+    __slots__ = ("client", "client_id", "dest", "per_request", "tally", "terminated", "transports")
+
+    def __init__(self, dest: decision.Destination) -> None:
+        self.dest = dest
+        self.client = decision.Client()
+        self.client_id: str | None = None
+        self.per_request = False
+        self.tally = forward.Transferred()
+        """``a_to_b``: bytes read from the client; ``b_to_a``: bytes written to it."""
+        self.transports: list[asyncio.WriteTransport] = []
+        self.terminated = False
+
+    def abort(self) -> None:
+        """Close both legs now; the handler's own cleanup follows."""
+        for transport in self.transports:
+            transport.abort()
+
+
+def _declared(protocol: resources.ProxyProtocol | None) -> detect.Protocol | None:
+    """How to treat a Server's declared protocol; None: detect it."""
+    if protocol is resources.ProxyProtocol.HTTP1:
+        return detect.Protocol.HTTP1
+    if protocol in (resources.ProxyProtocol.HTTP2, resources.ProxyProtocol.GRPC):
+        return detect.Protocol.HTTP2
+    if protocol in (resources.ProxyProtocol.OPAQUE, resources.ProxyProtocol.TLS):
+        return detect.Protocol.OPAQUE  # TLS: the application's own, passed through unread
+    return None
+
+
+def _rule(verdict: decision.Decision | None) -> str:
+    if verdict is None:
+        return "no policy yet"
+    return f"{verdict.rule_kind} {verdict.rule_name}: {verdict.reason}"
+
 
 class Inbound:
+    """One workload's inbound side: accepts, decides and forwards (see the module docstring).
+
+    ``policy`` is asked for the policy in force at each decision; ``metrics`` (a registry of its
+    own when not given) counts what happens; :attr:`counters` is the same, unlabelled, for tests.
+    """
+
     def __init__(
         self,
         *,
@@ -59,40 +148,85 @@ class Inbound:
         pod: str | None,
         labels: dict[str, str],
         app_host: str = "127.0.0.1",
+        metrics: proxy_metrics.Metrics | None = None,
+        max_connections: int = 10_000,
     ) -> None:
         self._policy = policy
         self._server_context = server_context
         self._pod = pod
         self._labels = labels
         self._app_host = app_host
+        self.metrics = metrics if metrics is not None else proxy_metrics.Metrics()
+        self._max_connections = max_connections
+        self._open = 0
+        self._live: set[_Conn] = set()
+        """Allowed connections, for :meth:`revalidate`."""
+        self._over_limit_logged = float("-inf")
+        self._over_limit_unlogged = 0
         self.counters = Counters()
+
+    # -- accepting ----------------------------------------------------------------------------
 
     async def handle(self, sock: socket.socket, port: int, app_port: int) -> None:
         """Own ``sock`` from here on: it is closed on every path."""
+        if self._open >= self._max_connections:
+            with contextlib.suppress(OSError):
+                sock.close()
+            self._over_limit()
+            return
+        self._open += 1
         self.counters.accepted += 1
+        self.metrics.opened("inbound")
+        conn = _Conn(decision.Destination(port=port, labels=self._labels, pod=self._pod))
         peer = _peer_ip(sock)
         try:
-            await self._handle(sock, peer, port, app_port)
+            await self._handle(sock, conn, peer, app_port)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             logger.debug("inbound connection from %s ended: %s", peer, exc)
         except Exception:
             logger.exception("inbound connection from %s failed unexpectedly", peer)
         finally:
+            self._live.discard(conn)
+            self._open -= 1
             with contextlib.suppress(OSError):
                 sock.close()
+            self.metrics.closed("inbound", conn.tally.a_to_b, conn.tally.b_to_a)
 
-    async def _handle(self, sock: socket.socket, peer: str, port: int, app_port: int) -> None:
+    def _over_limit(self) -> None:
+        self.counters.over_limit += 1
+        self.metrics.over_limit("inbound")
+        self._over_limit_unlogged += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._over_limit_logged >= OVER_LIMIT_LOG_INTERVAL:
+            logger.warning(
+                "closed %d inbound connection(s) at once: %d are open, the most allowed",
+                self._over_limit_unlogged,
+                self._max_connections,
+            )
+            self._over_limit_logged = now
+            self._over_limit_unlogged = 0
+
+    async def _handle(self, sock: socket.socket, conn: _Conn, peer: str, app_port: int) -> None:
         loop = asyncio.get_running_loop()
         policy = self._policy()
-        dest = decision.Destination(port=port, labels=self._labels, pod=self._pod)
+        dest, port = conn.dest, conn.dest.port
         first = await _peek(sock, DETECT_TIMEOUT)
-        protocol = detect.detect(first) or detect.Protocol.OPAQUE
+        raw = detect.detect(first) or detect.Protocol.OPAQUE
         mode = policy.mtls_mode(dest) if policy is not None else resources.MTLSMode.STRICT
-        terminate = protocol is detect.Protocol.TLS and mode is not resources.MTLSMode.DISABLE
+        terminate = raw is detect.Protocol.TLS and mode is not resources.MTLSMode.DISABLE
         if mode is resources.MTLSMode.STRICT and not terminate:
-            self.counters.plaintext_refused += 1
-            logger.info("refused plaintext from %s on port %d: mTLS is STRICT", peer, port)
-            return
+            # A plaintext HTTP/1 request may still be a kubelet probe, which policy lets
+            # through STRICT; everything else in plaintext is refused here.
+            probe_possible = (
+                policy is not None
+                and raw is detect.Protocol.HTTP1
+                and policy.routes_matter(dest)
+                and _declared(policy.proxy_protocol(dest)) in (None, detect.Protocol.HTTP1)
+            )
+            if not probe_possible:
+                self.counters.plaintext_refused += 1
+                logger.info("refused plaintext from %s on port %d: mTLS is STRICT", peer, port)
+                return
         ctx = self._server_context(mode is resources.MTLSMode.STRICT) if terminate else None
         if terminate and ctx is None:
             logger.info("refused TLS from %s on port %d: no certificate yet", peer, port)
@@ -107,53 +241,237 @@ class Inbound:
         except (TimeoutError, ssl.SSLError, OSError) as exc:
             if terminate:
                 self.counters.handshake_failed += 1
+                self.metrics.handshake_failed("inbound")
                 logger.info("TLS handshake from %s on port %d failed: %s", peer, port, exc)
             return
+        conn.transports.append(transport)
         writer = asyncio.StreamWriter(transport, protocol_obj, reader, loop)
+        # Without TLS the detection above saw the stream itself; with TLS, only its wrapping.
+        detected = None if terminate else raw
         try:
-            await self._decide_and_forward(
-                reader, writer, policy, dest, peer, port, app_port, terminate
-            )
+            await self._decide(conn, (reader, writer), peer, app_port, terminate, detected)
         finally:
-            transport.abort()  # after splice, a no-op; on every other path, the only close
+            transport.abort()  # after an orderly close, a no-op; on every other path, the close
 
-    async def _decide_and_forward(
+    # -- deciding -----------------------------------------------------------------------------
+
+    async def _decide(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        policy: decision.Policy | None,
-        dest: decision.Destination,
+        conn: _Conn,
+        client_stream: _Stream,
         peer: str,
-        port: int,
         app_port: int,
         terminate: bool,
+        detected: detect.Protocol | None,
     ) -> None:
+        reader, writer = client_stream
+        port = conn.dest.port
         try:
             identity = tls.peer_identity(writer.get_extra_info("ssl_object")) if terminate else None
         except errors.UntrustedChain:
             self.counters.denied += 1
+            self.metrics.handshake_failed("inbound")
             logger.info("denied a certificate without a mesh identity from %s on %d", peer, port)
             return
-        client = decision.Client(identity=identity, source_ip=peer, tls=terminate)
-        verdict = decision.decide(policy, dest, client) if policy is not None else None
-        if verdict is None or not verdict.allowed:
-            self.counters.denied += 1
-            rule = (
-                f"{verdict.rule_kind} {verdict.rule_name}: {verdict.reason}"
-                if verdict
-                else "no policy yet"
-            )
-            logger.info(
-                "denied %s from %s on port %d (%s)", identity or "unauthenticated", peer, port, rule
-            )
+        conn.client = decision.Client(identity=identity, source_ip=peer, tls=terminate)
+        conn.client_id = (policy_compile.spiffe_to_dns(identity) or identity) if identity else None
+
+        policy = self._policy()
+        protocol = _declared(policy.proxy_protocol(conn.dest)) if policy is not None else None
+        prefix = b""
+        if policy is not None and policy.routes_matter(conn.dest):
+            if protocol is None:
+                prefix, protocol = await self._sniff(reader, detected, conn)
+            if protocol is detect.Protocol.HTTP1:
+                self.counters.per_request += 1
+                conn.per_request = True
+                self._live.add(conn)
+                await _Http1(self, conn, client_stream, app_port, prefix).run()
+                return
+            policy = self._policy()  # the sniff took time: decide on the policy of now
+
+        verdict = policy.decide(conn.dest, conn.client) if policy is not None else None
+        if verdict is not None and verdict.allowed:
+            self._live.add(conn)  # with the decision, no await between: revalidate sees it
+            self.counters.allowed += 1
+            self.metrics.authorized("tcp", verdict, port, conn.client_id, terminate)
+            await self._splice(conn, client_stream, app_port, prefix)
             return
-        self.counters.allowed += 1
+
+        self.counters.denied += 1
+        if protocol is None:
+            prefix, protocol = await self._sniff(reader, detected, conn)
+        if protocol is detect.Protocol.HTTP1:
+            self._log_denied("HTTP/1 connection", conn, verdict)
+            self.metrics.authorized("http", verdict, port, conn.client_id, terminate)
+            await self._refuse_http1(conn, client_stream, prefix, verdict)
+        elif protocol is detect.Protocol.HTTP2:
+            self._log_denied("HTTP/2 connection", conn, verdict)
+            answered = await self._refuse_http2(conn, client_stream, prefix, verdict)
+            for _ in range(answered):
+                self.metrics.authorized("http", verdict, port, conn.client_id, terminate)
+            if not answered:
+                self.metrics.authorized("tcp", verdict, port, conn.client_id, terminate)
+        else:
+            self._log_denied("connection", conn, verdict)
+            self.metrics.authorized("tcp", verdict, port, conn.client_id, terminate)
+
+    def _log_denied(self, what: str, conn: _Conn, verdict: decision.Decision | None) -> None:
+        logger.info(
+            "denied %s from %s (%s) on port %d: %s",
+            what,
+            conn.client_id or "an unauthenticated client",
+            conn.client.source_ip,
+            conn.dest.port,
+            _rule(verdict),
+        )
+
+    def _reason(self, conn: _Conn, verdict: decision.Decision | None) -> str | None:
+        """The refusal's reason header: for meshed clients only."""
+        return _rule(verdict) if conn.client.identity is not None else None
+
+    async def _sniff(
+        self, reader: asyncio.StreamReader, detected: detect.Protocol | None, conn: _Conn
+    ) -> tuple[bytes, detect.Protocol]:
+        """The stream's protocol, and the bytes read to learn it (to be passed on first).
+
+        ``detected``: what the peek at the raw socket found, which for a plaintext stream is
+        already the answer (nothing read)."""
+        if detected is not None:
+            return b"", (
+                detected if detected is not detect.Protocol.TLS else detect.Protocol.OPAQUE
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DETECT_TIMEOUT
+        seen = b""
+        while len(seen) < detect.PEEK:
+            found = detect.detect(seen)
+            if found is not None:
+                break
+            try:
+                more = await asyncio.wait_for(
+                    reader.read(detect.PEEK - len(seen)), max(0.0, deadline - loop.time())
+                )
+            except TimeoutError:
+                break
+            if not more:
+                break
+            seen += more
+        conn.tally.a_to_b += len(seen)
+        found = detect.detect(seen)
+        if found is None or found is detect.Protocol.TLS:
+            found = detect.Protocol.OPAQUE  # TLS inside mesh TLS: the application's own
+        return seen, found
+
+    # -- allowed: splice ----------------------------------------------------------------------
+
+    async def _splice(self, conn: _Conn, client: _Stream, app_port: int, prefix: bytes) -> None:
         try:
             app = await asyncio.open_connection(self._app_host, app_port)
         except OSError as exc:
             logger.warning("application port %d refused the connection: %s", app_port, exc)
             return
-        await forward.splice((reader, writer), app)
+        conn.transports.append(app[1].transport)
+        if conn.terminated:  # a policy update closed it while the application was dialled
+            app[1].transport.abort()
+            return
+        if prefix:
+            app[1].write(prefix)
+        # The application closing its side ends the connection (see forward's contract).
+        await forward.splice(client, app, tally=conn.tally, half_close_grace=0.0)
+
+    # -- denied: refusals ---------------------------------------------------------------------
+
+    async def _refuse_http1(
+        self, conn: _Conn, client: _Stream, prefix: bytes, verdict: decision.Decision | None
+    ) -> None:
+        """Read the first request's head, answer 403 (400 if it is not HTTP/1), close."""
+        reader, writer = client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REFUSAL_TIMEOUT
+        requests = http.Requests()
+        data = prefix
+        while True:
+            for event in requests.feed(data):
+                if isinstance(event, http.Head):
+                    await _answer(writer, http.forbidden(self._reason(conn, verdict)), conn)
+                    await _linger_and_close(reader, writer, conn)
+                    return
+                if isinstance(event, http.Malformed):
+                    await _answer(writer, http.bad_request(event.reason), conn)
+                    await _linger_and_close(reader, writer, conn)
+                    return
+            try:
+                data = await asyncio.wait_for(
+                    reader.read(forward.CHUNK), max(0.0, deadline - loop.time())
+                )
+            except TimeoutError:
+                return
+            if not data:
+                return
+            conn.tally.a_to_b += len(data)
+
+    async def _refuse_http2(
+        self, conn: _Conn, client: _Stream, prefix: bytes, verdict: decision.Decision | None
+    ) -> int:
+        """Answer each request (gRPC status 7, or 403), GOAWAY, close; return how many."""
+        reader, writer = client
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REFUSAL_TIMEOUT
+        refusal = grpc_deny.Refusal(self._reason(conn, verdict))
+        await _answer(writer, refusal.start(), conn)
+        data = prefix
+        while True:
+            if data:
+                await _answer(writer, refusal.receive(data), conn)
+            if refusal.done:
+                break
+            try:
+                data = await asyncio.wait_for(
+                    reader.read(forward.CHUNK), max(0.0, deadline - loop.time())
+                )
+            except TimeoutError:
+                break
+            if not data:
+                break
+            conn.tally.a_to_b += len(data)
+        await _answer(writer, refusal.goodbye(), conn)
+        await _linger_and_close(reader, writer, conn)
+        return refusal.answered
+
+    # -- policy updates -----------------------------------------------------------------------
+
+    def revalidate(self, policy: decision.Policy) -> int:
+        """Close the live connections ``policy`` no longer allows; return how many.
+
+        A spliced connection is re-decided as a connection (no request). One decided request by
+        request keeps going while routes matter (its next request meets the new policy anyway),
+        and is closed only when the new policy refuses the connection as such and no route
+        could change that. Connections the new policy allows are not touched.
+        """
+        closed = 0
+        for conn in list(self._live):
+            if conn.terminated:
+                continue
+            verdict = policy.decide(conn.dest, conn.client)
+            if verdict.allowed or (conn.per_request and policy.routes_matter(conn.dest)):
+                continue
+            conn.terminated = True
+            self._live.discard(conn)
+            conn.abort()
+            closed += 1
+            self.counters.terminated += 1
+            self.metrics.terminated(verdict, conn.dest.port, conn.client_id, conn.client.tls)
+            logger.info(
+                "closed a live connection from %s (%s) on port %d after a policy update: %s",
+                conn.client_id or "an unauthenticated client",
+                conn.client.source_ip,
+                conn.dest.port,
+                _rule(verdict),
+            )
+        return closed
+
+    # -- local mode ---------------------------------------------------------------------------
 
     async def serve(
         self, host: str, port: int, app_port: int, policy_port: int | None = None
@@ -161,8 +479,12 @@ class Inbound:
         """Local mode: listen on ``host:port`` and forward allowed connections to ``app_port``,
         deciding as if they were addressed to ``policy_port`` (default: ``app_port``)."""
         loop = asyncio.get_running_loop()
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and without it every reply waits out the client's delayed ACK (40 ms on Linux).
         listener = socket.socket(
-            socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM
+            socket.AF_INET6 if ":" in host else socket.AF_INET,
+            socket.SOCK_STREAM,
+            socket.IPPROTO_TCP,
         )
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -183,11 +505,210 @@ class Inbound:
                     await asyncio.sleep(0.1)
                     continue
                 sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 task = loop.create_task(self.handle(sock, policy_port or app_port, app_port))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
         return _Server(listener, loop.create_task(accept_loop()), tasks)
+
+
+class _Http1:
+    """One HTTP/1 connection decided request by request.
+
+    Two tasks: this one reads the client's requests, decides each with the policy of the moment
+    and forwards the allowed ones; ``_answers`` forwards the application's responses untouched
+    while :class:`http.Responses` follows them, so a refusal can wait for every answer owed.
+    The application is connected at the first allowed request: a client refused at once never
+    reaches it.
+    """
+
+    def __init__(
+        self, inbound: Inbound, conn: _Conn, client: _Stream, app_port: int, prefix: bytes
+    ) -> None:
+        self._inbound = inbound
+        self._conn = conn
+        self._reader, self._writer = client
+        self._app_port = app_port
+        self._prefix = prefix
+        self._requests = http.Requests()
+        self._responses = http.Responses()
+        self._app: _Stream | None = None
+        self._answering: asyncio.Task[None] | None = None
+        self._progress = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            if self._answering is not None:
+                self._answering.cancel()
+                (outcome,) = await asyncio.gather(self._answering, return_exceptions=True)
+                if isinstance(outcome, Exception) and not isinstance(outcome, OSError):
+                    logger.error("forwarding the application's answers failed", exc_info=outcome)
+            if self._app is not None:
+                self._app[1].transport.abort()
+
+    async def _serve(self) -> None:
+        conn = self._conn
+        data = self._prefix
+        held: list[bytes] = []  # bytes after an Upgrade or CONNECT request
+        upgrading = False
+        while True:
+            if not data:
+                data = await self._reader.read(forward.CHUNK)
+                if not data:
+                    await self._client_done()
+                    return
+                conn.tally.a_to_b += len(data)
+            for event in self._requests.feed(data):
+                if isinstance(event, http.Head):
+                    if not await self._admit(event):
+                        return
+                    upgrading = upgrading or event.upgrade
+                elif isinstance(event, http.Body):
+                    if self._app is not None:  # always: a body follows its admitted head
+                        self._app[1].write(event.data)
+                elif isinstance(event, http.Tunnel):
+                    held.append(event.data)
+                else:
+                    logger.info(
+                        "malformed HTTP/1 request from %s on port %d: %s",
+                        conn.client_id or conn.client.source_ip,
+                        conn.dest.port,
+                        event.reason,
+                    )
+                    await self._refuse(http.bad_request(event.reason))
+                    return
+            data = b""
+            if self._app is not None:
+                await self._app[1].drain()
+            if upgrading:
+                await self._upgrade(b"".join(held))
+                return
+
+    async def _admit(self, head: http.Head) -> bool:
+        """Decide one request; forward its head if allowed. False: the connection is done."""
+        inbound, conn = self._inbound, self._conn
+        policy = inbound._policy()
+        request = decision.Request(head.method, head.path)
+        verdict = policy.decide(conn.dest, conn.client, request) if policy is not None else None
+        allowed = verdict is not None and verdict.allowed
+        inbound.metrics.authorized("http", verdict, conn.dest.port, conn.client_id, conn.client.tls)
+        if not allowed:
+            inbound.counters.requests_denied += 1
+            inbound._log_denied(f"{head.method} {head.path}", conn, verdict)
+            await self._refuse(http.forbidden(inbound._reason(conn, verdict)))
+            return False
+        inbound.counters.requests_allowed += 1
+        if self._app is None:
+            try:
+                self._app = await asyncio.open_connection(inbound._app_host, self._app_port)
+            except OSError as exc:
+                logger.warning(
+                    "application port %d refused the connection: %s", self._app_port, exc
+                )
+                await self._refuse(http.bad_gateway())
+                return False
+            conn.transports.append(self._app[1].transport)
+            if conn.terminated:  # a policy update closed it while the application was dialled
+                return False
+            self._answering = asyncio.ensure_future(self._answers(self._app[0]))
+        self._responses.expect(head.method)
+        self._app[1].write(head.head)
+        return True
+
+    async def _answers(self, app_reader: asyncio.StreamReader) -> None:
+        """Forward the application's bytes to the client, following its responses."""
+        try:
+            while data := await app_reader.read(forward.CHUNK):
+                self._responses.feed(data)
+                self._writer.write(data)
+                await self._writer.drain()
+                self._conn.tally.b_to_a += len(data)
+                self._progress.set()
+        finally:
+            self._progress.set()
+
+    async def _until(self, done: Callable[[], bool]) -> bool:
+        """Wait until ``done()``; False if the application stopped answering first."""
+        while not done():
+            if self._answering is None or self._answering.done():
+                return done()
+            self._progress.clear()
+            await self._progress.wait()
+        return True
+
+    def _all_answered(self) -> bool:
+        r = self._responses
+        return r.pending == 0 and r.broken is None and not r.tunnel
+
+    async def _refuse(self, answer: bytes) -> None:
+        """Stop reading the client; once every forwarded request has its answer, send
+        ``answer`` and close. If the application left a request unanswered (it closed, or its
+        responses can not be followed), close without it: a 403 there would read as part of
+        another response."""
+        if await self._until(self._all_answered):
+            await _answer(self._writer, answer, self._conn)
+            await _linger_and_close(self._reader, self._writer, self._conn)
+
+    async def _upgrade(self, held: bytes) -> None:
+        """An Upgrade or CONNECT was forwarded: a tunnel if the application accepts it, else
+        the connection ends after its answer (what the client sent after it is not HTTP/1
+        this proxy can decide)."""
+        tunnel = await self._until(lambda: self._responses.tunnel or self._all_answered())
+        if not (tunnel and self._responses.tunnel) or self._app is None:
+            return
+        app_writer = self._app[1]
+        if held:
+            app_writer.write(held)
+        while data := await self._reader.read(forward.CHUNK):
+            self._conn.tally.a_to_b += len(data)
+            app_writer.write(data)
+            await app_writer.drain()
+        if app_writer.can_write_eof():
+            app_writer.write_eof()
+        await self._until(lambda: False)  # until the application is done too
+
+    async def _client_done(self) -> None:
+        """The client sent all it will: let the application answer what it was sent."""
+        if self._app is None or self._responses.pending == 0:
+            return
+        if self._app[1].can_write_eof():
+            with contextlib.suppress(OSError):
+                self._app[1].write_eof()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._until(self._all_answered), ANSWER_TIMEOUT)
+
+
+async def _answer(writer: asyncio.StreamWriter, data: bytes, conn: _Conn) -> None:
+    if data:
+        writer.write(data)
+        await writer.drain()
+        conn.tally.b_to_a += len(data)
+
+
+async def _linger_and_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn
+) -> None:
+    """Close after a refusal without losing it: end our side, drain what the client still
+    sends (bounded in time and bytes), then close, flushing what was written."""
+    if writer.can_write_eof():
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LINGER
+    drained = 0
+    with contextlib.suppress(TimeoutError, OSError):
+        while drained < LINGER_BYTES:
+            data = await asyncio.wait_for(reader.read(forward.CHUNK), deadline - loop.time())
+            if not data:
+                break
+            drained += len(data)
+    conn.tally.a_to_b += drained
+    writer.close()
+    with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
+        await asyncio.wait_for(writer.wait_closed(), LINGER)
 
 
 class _Server:

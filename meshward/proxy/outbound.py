@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from meshward import errors
 from meshward.proxy import forward, tls
+from meshward.proxy import metrics as proxy_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,14 @@ class Counters:
 
 
 class Outbound:
-    def __init__(self, *, client_context: Callable[[], ssl.SSLContext | None]) -> None:
+    def __init__(
+        self,
+        *,
+        client_context: Callable[[], ssl.SSLContext | None],
+        metrics: proxy_metrics.Metrics | None = None,
+    ) -> None:
         self._client_context = client_context
+        self.metrics = metrics if metrics is not None else proxy_metrics.Metrics()
         self.counters = Counters()
 
     async def handle(
@@ -52,13 +59,20 @@ class Outbound:
     ) -> None:
         """Own the application's connection from here on: it is closed on every path."""
         self.counters.accepted += 1
+        self.metrics.opened("outbound")
+        tally = forward.Transferred()  # a_to_b: read from the application; b_to_a: written
         try:
-            await self._handle(reader, writer, route)
+            await self._handle(reader, writer, route, tally)
         finally:
             writer.close()  # after splice, a no-op: splice closed it already
+            self.metrics.closed("outbound", tally.a_to_b, tally.b_to_a)
 
     async def _handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route: Route
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        route: Route,
+        tally: forward.Transferred,
     ) -> None:
         ctx = self._client_context()
         if ctx is None:
@@ -71,6 +85,8 @@ class Outbound:
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self.counters.failed += 1
+            if isinstance(exc, ssl.SSLError):
+                self.metrics.handshake_failed("outbound")
             logger.info("outbound to %s:%d failed: %s", route.host, route.port, exc)
             return
         try:
@@ -91,7 +107,7 @@ class Outbound:
             peer_writer.transport.abort()
             return
         self.counters.connected += 1
-        await forward.splice((reader, writer), (peer_reader, peer_writer))
+        await forward.splice((reader, writer), (peer_reader, peer_writer), tally=tally)
 
     async def serve(self, host: str, port: int, route: Route) -> asyncio.Server:
         """Local mode: every connection to ``host:port`` goes to ``route``."""

@@ -54,6 +54,9 @@ def server_context(
     certificate must still present a valid one."""
     ctx = _base(ssl.PROTOCOL_TLS_SERVER, anchors)
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_OPTIONAL
+    # gRPC clients insist on negotiating h2. HTTP/1.1 comes first (the server's preference
+    # wins): a client offering both then speaks HTTP/1.1, which every HTTP application takes.
+    ctx.set_alpn_protocols(["http/1.1", "h2"])
     ctx.load_cert_chain(_write_chain(directory, certified), directory / identity.KEY_FILE)
     return ctx
 

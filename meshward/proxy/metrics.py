@@ -1,0 +1,175 @@
+"""What the proxy counts, in Prometheus text on the admin server's ``/metrics``.
+
+Names follow Linkerd's proxy where it has one, so existing dashboards and alerts carry over:
+
+    inbound_tcp_authz_allow_total      connections allowed         } by server, authorization,
+    inbound_tcp_authz_deny_total       connections refused         } tls and client identity
+    inbound_tcp_authz_terminate_total  live connections closed by a policy update
+    inbound_http_authz_allow_total     HTTP requests allowed
+    inbound_http_authz_deny_total      HTTP requests refused (403 or gRPC status 7)
+    tcp_open_total / tcp_close_total / tcp_open_connections     by direction
+    tcp_read_bytes_total / tcp_write_bytes_total                by direction, counted as the
+                                                                proxy reads from and writes to
+                                                                the client side
+    tls_handshake_failures_total       by direction (no Linkerd equivalent)
+    tcp_refused_over_limit_total       by direction: closed at once, the most connections open
+    identity_cert_expiration_timestamp_seconds, identity_cert_refresh_total
+    policy_updates_total
+
+A server is ``srv_kind="Server"`` with the Server's name, or ``srv_kind="default"`` with the
+default policy's name; the authorization is the rule that decided (``authz_kind`` such as
+``ServerAuthorization``, ``AuthorizationPolicy``, ``probe``, ``default`` or
+``PeerAuthentication``). ``client_id`` is the client's identity name, empty without mTLS.
+
+Each proxy owns its registry, so several proxies (and tests) in one process never mix figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import prometheus_client
+
+from meshward.policy import decision
+
+GROUP = "policy.meshward.io"
+NO_POLICY = "no-policy"
+"""``srv_name`` of denials made before any policy arrived."""
+
+_AUTHZ_LABELS = (
+    "srv_group",
+    "srv_kind",
+    "srv_name",
+    "srv_port",
+    "authz_group",
+    "authz_kind",
+    "authz_name",
+    "tls",
+    "client_id",
+)
+
+Direction = Literal["inbound", "outbound"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        r = self.registry
+
+        def authz(name: str, what: str) -> prometheus_client.Counter:
+            return prometheus_client.Counter(name, what, _AUTHZ_LABELS, registry=r)
+
+        # prometheus_client appends "_total" to counter names itself.
+        self._tcp_allow = authz("inbound_tcp_authz_allow", "Inbound connections allowed")
+        self._tcp_deny = authz("inbound_tcp_authz_deny", "Inbound connections refused")
+        self._tcp_terminate = authz(
+            "inbound_tcp_authz_terminate",
+            "Live inbound connections closed because a policy update no longer allows them",
+        )
+        self._http_allow = authz("inbound_http_authz_allow", "Inbound HTTP requests allowed")
+        self._http_deny = authz("inbound_http_authz_deny", "Inbound HTTP requests refused")
+        self._open = prometheus_client.Counter(
+            "tcp_open", "Connections opened", ["direction"], registry=r
+        )
+        self._close = prometheus_client.Counter(
+            "tcp_close", "Connections closed", ["direction"], registry=r
+        )
+        self._open_now = prometheus_client.Gauge(
+            "tcp_open_connections", "Connections open now", ["direction"], registry=r
+        )
+        self._read = prometheus_client.Counter(
+            "tcp_read_bytes", "Bytes read from clients", ["direction"], registry=r
+        )
+        self._written = prometheus_client.Counter(
+            "tcp_write_bytes", "Bytes written to clients", ["direction"], registry=r
+        )
+        self._handshake = prometheus_client.Counter(
+            "tls_handshake_failures", "TLS handshakes that failed", ["direction"], registry=r
+        )
+        self._over_limit = prometheus_client.Counter(
+            "tcp_refused_over_limit",
+            "Connections closed at once because the most allowed were open",
+            ["direction"],
+            registry=r,
+        )
+        self.policy_updates = prometheus_client.Counter(
+            "policy_updates", "Policy documents taken into effect", registry=r
+        )
+        self.cert_refresh = prometheus_client.Counter(
+            "identity_cert_refresh", "Certificates obtained from the identity service", registry=r
+        )
+        self._cert_expiry = prometheus_client.Gauge(
+            "identity_cert_expiration_timestamp_seconds",
+            "When the current workload certificate expires (0: none held)",
+            registry=r,
+        )
+
+    def certificate_expiry(self, seconds: Callable[[], float]) -> None:
+        """Read the certificate's expiry at each scrape (a Unix time; 0 while none is held)."""
+        self._cert_expiry.set_function(seconds)
+
+    def authorized(
+        self,
+        protocol: Literal["tcp", "http"],
+        verdict: decision.Decision | None,
+        port: int,
+        client_id: str | None,
+        tls: bool,
+    ) -> None:
+        """Count one decision: allow or deny by ``verdict`` (None, no policy yet: deny)."""
+        allowed = verdict is not None and verdict.allowed
+        if protocol == "tcp":
+            counter = self._tcp_allow if allowed else self._tcp_deny
+        else:
+            counter = self._http_allow if allowed else self._http_deny
+        counter.labels(*_authz_labels(verdict, port, client_id, tls)).inc()
+
+    def terminated(
+        self, verdict: decision.Decision | None, port: int, client_id: str | None, tls: bool
+    ) -> None:
+        """Count a live connection closed because the new policy's ``verdict`` refuses it."""
+        self._tcp_terminate.labels(*_authz_labels(verdict, port, client_id, tls)).inc()
+
+    def opened(self, direction: Direction) -> None:
+        self._open.labels(direction).inc()
+        self._open_now.labels(direction).inc()
+
+    def closed(self, direction: Direction, read: int = 0, written: int = 0) -> None:
+        """A connection ended; ``read`` and ``written`` are the bytes exchanged with the client."""
+        self._close.labels(direction).inc()
+        self._open_now.labels(direction).dec()
+        if read:
+            self._read.labels(direction).inc(read)
+        if written:
+            self._written.labels(direction).inc(written)
+
+    def handshake_failed(self, direction: Direction) -> None:
+        self._handshake.labels(direction).inc()
+
+    def over_limit(self, direction: Direction) -> None:
+        self._over_limit.labels(direction).inc()
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+def _authz_labels(
+    verdict: decision.Decision | None, port: int, client_id: str | None, tls: bool
+) -> tuple[str, ...]:
+    if verdict is None:
+        srv_kind, srv_name, authz_kind, authz_name = "default", NO_POLICY, "default", NO_POLICY
+    else:
+        srv_kind, srv_name = verdict.server_kind, verdict.server_name
+        authz_kind, authz_name = verdict.rule_kind, verdict.rule_name
+    return (
+        GROUP,
+        srv_kind,
+        srv_name,
+        str(port),
+        GROUP,
+        authz_kind,
+        authz_name,
+        "true" if tls else "false",
+        client_id or "",
+    )
