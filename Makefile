@@ -38,6 +38,7 @@ bench: venv control-plane
 	$(PY) bench/bench_apply.py
 	$(PY) bench/bench_devcluster.py
 	$(PY) bench/bench_identity.py
+	$(PY) bench/bench_proxy.py
 
 proto: venv
 	$(PY) -m meshward.identity._proto.generate

@@ -78,6 +78,12 @@ def _operator(args: argparse.Namespace) -> int:
     return _run.run(args)
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    from meshward.proxy import run
+
+    return run.main(["--verbose"] if args.verbose else [])
+
+
 def _policy_explain(args: argparse.Namespace) -> int:
     from meshward import explain
 
@@ -125,7 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     identity_commands.add_arguments(identity)
 
-    policy = sub.add_parser("policy", help="inspect compiled policy")
+    proxy = sub.add_parser(
+        "proxy",
+        help="run the sidecar proxy (configured by MESHWARD_PROXY_* variables)",
+        description="Run the sidecar proxy. Its settings come from MESHWARD_PROXY_* environment "
+        "variables, listed in meshward/proxy/settings.py; a missing or malformed one stops it "
+        "at start with a message naming the variable.",
+    )
+    proxy.add_argument("--verbose", action="store_true", help="debug logs from meshward")
+    proxy.set_defaults(func=_proxy)
+
+    policy = sub.add_parser("policy", help="inspect and serve compiled policy")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     explain = policy_sub.add_parser(
         "explain", help="show whether a client may reach a pod's port, and the deciding rule"
@@ -134,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain_module.add_arguments(explain)
     explain.set_defaults(func=_policy_explain)
+    serve = policy_sub.add_parser(
+        "serve",
+        help="run the policy server: proxies watch their namespace's policy over mutual TLS",
+    )
+    from meshward.policyserver import commands as policy_commands
+
+    policy_commands.add_arguments(serve)
     return parser
 
 

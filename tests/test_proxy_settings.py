@@ -54,6 +54,7 @@ def env(tmp_path: pathlib.Path, anchors: bytes) -> dict[str, str]:
         settings.LOCAL_NAME: LOCAL_NAME,
         settings.IDENTITY_SVC_ADDR: "meshward-identity.meshward.svc:8080",
         settings.IDENTITY_SVC_NAME: SVC_NAME,
+        settings.POLICY_FILE: str(tmp_path / "policy.json"),
     }
 
 
@@ -180,9 +181,10 @@ def test_each_required_variable_missing(env: dict[str, str], var: str, how: str)
 
 def test_everything_missing_names_every_variable() -> None:
     message = problem({})
-    assert message.startswith("proxy configuration has 6 problems:")
+    assert message.startswith("proxy configuration has 7 problems:")
     for var in REQUIRED:
         assert f"{var} is not set" in message
+    assert f"no policy source: set {settings.POLICY_FILE}" in message
     for var in LISTENERS:
         assert var not in message  # optional
 
@@ -441,5 +443,104 @@ def test_address_renders_as_written() -> None:
 
 def test_module_docstring_lists_every_variable() -> None:
     doc = settings.__doc__ or ""
-    for var in [*REQUIRED, *LISTENERS]:
+    optional = [
+        settings.POLICY_FILE,
+        settings.POLICY_SVC_ADDR,
+        settings.POLICY_SVC_NAME,
+        settings.POD_NAME,
+        settings.LOCAL_INBOUND,
+        settings.LOCAL_OUTBOUND,
+    ]
+    for var in [*REQUIRED, *LISTENERS, *optional]:
         assert sum(line.split()[:1] == [var] for line in doc.splitlines()) == 1, var
+
+
+# -- policy source, pod name, local mode -------------------------------------------------------
+
+
+def test_the_policy_file(env: dict[str, str], tmp_path: pathlib.Path) -> None:
+    found = settings.from_env(env)
+    assert found.policy_file == tmp_path / "policy.json"  # need not exist yet: no policy, deny
+    assert (found.policy_svc_addr, found.policy_svc_name) == (None, None)
+
+
+def test_the_policy_service(env: dict[str, str]) -> None:
+    del env[settings.POLICY_FILE]
+    env[settings.POLICY_SVC_ADDR] = "meshward-policy.meshward.svc:8090"
+    env[settings.POLICY_SVC_NAME] = settings.EXAMPLES[settings.POLICY_SVC_NAME]
+    found = settings.from_env(env)
+    assert found.policy_file is None
+    assert found.policy_svc_addr == Address("meshward-policy.meshward.svc", 8090)
+    assert found.policy_svc_name == settings.EXAMPLES[settings.POLICY_SVC_NAME]
+
+
+def test_no_policy_source_says_how_to_set_one(env: dict[str, str]) -> None:
+    del env[settings.POLICY_FILE]
+    message = problem(env)
+    assert settings.POLICY_FILE in message and settings.POLICY_SVC_ADDR in message
+
+
+def test_two_policy_sources_are_refused(env: dict[str, str]) -> None:
+    env[settings.POLICY_SVC_ADDR] = "meshward-policy.meshward.svc:8090"
+    assert "choose one policy source" in problem(env)
+
+
+def test_the_policy_service_needs_its_name(env: dict[str, str]) -> None:
+    del env[settings.POLICY_FILE]
+    env[settings.POLICY_SVC_ADDR] = "meshward-policy.meshward.svc:8090"
+    assert f"{settings.POLICY_SVC_NAME} is not set" in problem(env)
+
+
+def test_a_policy_file_in_a_missing_directory(env: dict[str, str], tmp_path: pathlib.Path) -> None:
+    env[settings.POLICY_FILE] = str(tmp_path / "nowhere" / "policy.json")
+    assert "which is not a directory" in problem(env)
+    env[settings.POLICY_FILE] = str(tmp_path)
+    assert "is a directory" in problem(env)
+
+
+def test_the_pod_name(env: dict[str, str]) -> None:
+    assert settings.from_env(env).pod_name is None
+    env[settings.POD_NAME] = "web-5d8f7c9b4-x2x7q"
+    assert settings.from_env(env).pod_name == "web-5d8f7c9b4-x2x7q"
+    env[settings.POD_NAME] = "Web_1"
+    assert f"{settings.POD_NAME}='Web_1' is not a pod name" in problem(env)
+
+
+def test_local_mode_ports(env: dict[str, str]) -> None:
+    env[settings.INBOUND_LISTEN_ADDR] = "127.0.0.1:4143"
+    env[settings.LOCAL_INBOUND] = "4143=8080, 4144=9090"
+    env[settings.LOCAL_OUTBOUND] = f"4140={LOCAL_NAME}@127.0.0.1:5143,4141=10.0.0.9:4143"
+    found = settings.from_env(env)
+    assert found.local_inbound == (
+        settings.LocalInbound(Address("127.0.0.1", 4143), 8080),
+        settings.LocalInbound(Address("127.0.0.1", 4144), 9090),
+    )
+    assert found.local_outbound == (
+        settings.LocalOutbound(Address("127.0.0.1", 4140), Address("127.0.0.1", 5143), LOCAL_NAME),
+        settings.LocalOutbound(Address("127.0.0.1", 4141), Address("10.0.0.9", 4143), None),
+    )
+    assert found.namespace == "emojivoto"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        (settings.LOCAL_INBOUND, "4143", "'4143', which is not LISTEN_PORT=..."),
+        (settings.LOCAL_INBOUND, "4143=http", "application port 'http'"),
+        (settings.LOCAL_INBOUND, "0=8080", "listen port '0'"),
+        (settings.LOCAL_OUTBOUND, "4140=127.0.0.1", "which is not host:port"),
+        (settings.LOCAL_OUTBOUND, "4140=web@127.0.0.1:4143", "names peer identity 'web'"),
+    ],
+)
+def test_malformed_local_mode(env: dict[str, str], var: str, value: str, says: str) -> None:
+    env[var] = value
+    message = problem(env)
+    assert var in message and says in message
+
+
+def test_local_listeners_clash_with_each_other_and_the_admin(env: dict[str, str]) -> None:
+    env[settings.LOCAL_INBOUND] = "4143=8080,4143=9090"
+    assert "would listen on the same port" in problem(env)
+    env[settings.LOCAL_INBOUND] = "4191=8080"
+    message = problem(env)
+    assert settings.ADMIN_LISTEN_ADDR in message and "would listen on the same port" in message

@@ -12,25 +12,22 @@ with Go >= 1.18.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import os
 import pathlib
-import re
 import shutil
-import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 from meshward import errors
+from meshward.devcluster import _debian
 
 KUBERNETES_VERSION = "v1.20.2"
 KUBERNETES_SOURCE = "kubernetes=1.20.5+really1.20.2-1.1+deb12u1"
 GO_PACKAGES = ("golang-1.15-go", "golang-1.15-src")
 ETCD_PACKAGE = "etcd-server/bookworm"
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
 REQUIRED = ("etcd", "kube-apiserver")
 
@@ -79,7 +76,7 @@ def ensure(progress: Progress | None = None) -> Binaries:
     if found is not None:
         return found
     dest = cache_dir()
-    with _step("lock the build cache"):
+    with _debian.step("lock the build cache"):
         dest.parent.mkdir(parents=True, exist_ok=True)
         lock = (dest.parent / ".build.lock").open("w")
     with lock:
@@ -94,83 +91,8 @@ def ensure(progress: Progress | None = None) -> Binaries:
     return built
 
 
-@contextlib.contextmanager
-def _step(step: str) -> Iterator[None]:
-    """Turn a file-system failure inside ``step`` into a one-line ControlPlaneError."""
-    try:
-        yield
-    except (OSError, tarfile.TarError) as exc:
-        raise errors.ControlPlaneError(step, str(exc)) from exc
-
-
 def _stderr_progress(message: str) -> None:
     print(f"meshward: {message}", file=sys.stderr, flush=True)
-
-
-def _mirror() -> str:
-    """The Debian mirror this machine's apt already uses (its host is not ours to hard-code)."""
-    candidates: list[str] = []
-    sources = pathlib.Path("/etc/apt/sources.list.d")
-    for path in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
-        for stanza in path.read_text().split("\n\n"):
-            fields = dict(
-                (k.strip().lower(), v.strip())
-                for k, _, v in (line.partition(":") for line in stanza.splitlines())
-                if not k.startswith("#") and v
-            )
-            suites = fields.get("suites", "").split()
-            if "deb" in fields.get("types", "") and any(
-                s in ("bookworm", "bullseye", "trixie") for s in suites
-            ):
-                candidates += fields.get("uris", "").split()
-    legacy = pathlib.Path("/etc/apt/sources.list")
-    if legacy.is_file():
-        for line in legacy.read_text().splitlines():
-            m = re.match(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(bookworm|bullseye|trixie)\s", line)
-            if m:
-                candidates.append(m.group(1))
-    override = os.environ.get("MESHWARD_DEBIAN_MIRROR")
-    if override:
-        return override.rstrip("/")
-    for uri in candidates:
-        if not uri.rstrip("/").endswith("-security"):
-            return uri.rstrip("/")
-    raise errors.ControlPlaneError(
-        "find Debian mirror",
-        "no Debian mirror found in /etc/apt; set MESHWARD_DEBIAN_MIRROR=<url of a Debian mirror>",
-    )
-
-
-def _run(
-    step: str,
-    argv: Sequence[str],
-    *,
-    cwd: pathlib.Path | None = None,
-    env: dict[str, str] | None = None,
-    log: pathlib.Path,
-) -> None:
-    with log.open("ab") as out:
-        out.write(f"\n$ {' '.join(argv)}\n".encode())
-        out.flush()
-        try:
-            proc = subprocess.run(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        except FileNotFoundError as exc:
-            raise errors.ControlPlaneError(step, f"{argv[0]} not found ({exc})") from exc
-    if proc.returncode != 0:
-        raise errors.ControlPlaneError(
-            step, f"{argv[0]} exited {proc.returncode}: {_cause(log)} (full log: {log})"
-        )
-
-
-def _cause(log: pathlib.Path) -> str:
-    """The most telling line of a failed step's output: its first error, else its last line."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    last_command = max((i for i, line in enumerate(lines) if line.startswith("$ ")), default=-1)
-    lines = lines[last_command + 1 :]
-    for line in lines:
-        if line.startswith(("E:", "W:")) or "error" in line.lower() or "failed" in line.lower():
-            return line[:200]
-    return lines[-1][:200] if lines else "(no output)"
 
 
 def build(dest: pathlib.Path, progress: Progress) -> None:
@@ -180,47 +102,30 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     raises ControlPlaneError naming the step, and leaves no half-filled ``dest``.
     """
     work = dest.parent / f"build-{KUBERNETES_VERSION}"
-    with _step("prepare build directory"):
+    with _debian.step("prepare build directory"):
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     log = work / "build.log"
     steps = 7
 
     progress(f"[1/{steps}] private apt index from Debian's registry (log: {log})")
-    mirror = _mirror()
-    apt = work / "apt"
-    for sub in ("lists/partial", "cache/archives/partial"):
-        (apt / sub).mkdir(parents=True)
-    sources = apt / "sources.list"
-    sources.write_text(
-        "".join(
-            f"{kind} [signed-by={KEYRING}] {mirror} {suite} main\n"
-            for kind, suite in (("deb-src", "bookworm"), ("deb", "bookworm"), ("deb", "bullseye"))
-        )
+    apt = _debian.Apt.create(
+        work / "apt", (("deb-src", "bookworm"), ("deb", "bookworm"), ("deb", "bullseye")), log
     )
-    apt_opts = [
-        f"-o=Dir::Etc::SourceList={sources}",
-        "-o=Dir::Etc::SourceParts=/dev/null",
-        f"-o=Dir::State::Lists={apt / 'lists'}",
-        f"-o=Dir::Cache={apt / 'cache'}",
-        "-o=APT::Sandbox::User=root",
-        "-o=Debug::NoLocking=1",
-        "-q",
-    ]
-    _run("apt-get update", ["apt-get", *apt_opts, "--error-on=any", "update"], log=log)
+    apt.update()
 
     progress(f"[2/{steps}] downloading Kubernetes {KUBERNETES_VERSION} source, Go 1.15 and etcd")
     downloads = work / "debs"
     downloads.mkdir()
-    _run(
+    _debian.run(
         "download kubernetes source",
-        ["apt-get", *apt_opts, "source", "--download-only", KUBERNETES_SOURCE],
+        ["apt-get", *apt.options, "source", "--download-only", KUBERNETES_SOURCE],
         cwd=downloads,
         log=log,
     )
-    _run(
+    _debian.run(
         "download go and etcd",
-        ["apt-get", *apt_opts, "download", *GO_PACKAGES, ETCD_PACKAGE],
+        ["apt-get", *apt.options, "download", *GO_PACKAGES, ETCD_PACKAGE],
         cwd=downloads,
         log=log,
     )
@@ -228,7 +133,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     progress(f"[3/{steps}] unpacking")
     tools = work / "tools"
     for deb in sorted(downloads.glob("*.deb")):
-        _run(f"unpack {deb.name}", ["dpkg", "-x", str(deb), str(tools)], log=log)
+        _debian.run(f"unpack {deb.name}", ["dpkg", "-x", str(deb), str(tools)], log=log)
     origs = sorted(downloads.glob("kubernetes_*.orig.tar.*"))
     if not origs:
         raise errors.ControlPlaneError(
@@ -237,7 +142,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     gopath = work / "gopath"
     tree = gopath / "src" / "k8s.io" / "kubernetes"
     unpack = work / "unpack"
-    with _step("unpack kubernetes source"):
+    with _debian.step("unpack kubernetes source"):
         tree.parent.mkdir(parents=True)
         with tarfile.open(origs[0]) as tar:
             tar.extractall(unpack, filter="tar")
@@ -262,7 +167,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     go = str(goroot / "bin" / "go")
 
     progress(f"[4/{steps}] generating OpenAPI definitions")
-    _run(
+    _debian.run(
         "build openapi-gen",
         [
             go,
@@ -276,7 +181,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
         log=log,
     )
     packages = _openapi_packages(tree)
-    _run(
+    _debian.run(
         "generate openapi",
         [
             str(work / "openapi-gen"),
@@ -300,7 +205,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
     ldflags = f"-s -w -X {v}.gitVersion={KUBERNETES_VERSION} -X {v}.gitMajor=1 -X {v}.gitMinor=20"
     out = work / "bin"
     progress(f"[5/{steps}] building kube-apiserver (about 2-3 minutes)")
-    _run(
+    _debian.run(
         "build kube-apiserver",
         [
             go,
@@ -316,7 +221,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
         log=log,
     )
     progress(f"[6/{steps}] building kube-controller-manager (about 1 minute)")
-    _run(
+    _debian.run(
         "build kube-controller-manager",
         [
             go,
@@ -338,7 +243,7 @@ def build(dest: pathlib.Path, progress: Progress) -> None:
         raise errors.ControlPlaneError(
             "install etcd", f"etcd not found in the etcd-server package at {etcd}"
         )
-    with _step("install binaries"):
+    with _debian.step("install binaries"):
         shutil.copy2(etcd, out / "etcd")
         staging = dest.with_name(dest.name + ".new")
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,6 +16,8 @@ import os
 import pathlib
 import re
 import secrets
+import urllib.error
+import urllib.request
 from typing import Any
 
 from cryptography import x509
@@ -74,10 +76,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--force", action="store_true", help="replace existing trust material")
     init.set_defaults(func=_init)
 
-    inspect = sub.add_parser("inspect", help="print a certificate chain and check it")
-    inspect.add_argument("file", type=pathlib.Path, help="PEM: leaf first, then intermediates")
+    inspect = sub.add_parser(
+        "inspect",
+        help="print a certificate chain and check it",
+        description="Print a chain from a file, or the one a pod's proxy presents now "
+        "(--namespace N --pod P: read from the proxy's admin server at the pod's IP), and "
+        "check it against the trust anchors.",
+    )
     inspect.add_argument(
-        "--anchors", type=pathlib.Path, help="trust anchors (PEM) to verify the chain against"
+        "file", type=pathlib.Path, nargs="?", help="PEM or DER: leaf first, then intermediates"
+    )
+    inspect.add_argument("--namespace", "-n", help="the pod's namespace (with --pod)")
+    inspect.add_argument("--pod", help="inspect the certificate this pod's proxy presents")
+    inspect.add_argument(
+        "--admin-port", type=int, default=4191, help="the proxy's admin port (default 4191)"
+    )
+    inspect.add_argument(
+        "--anchors",
+        type=pathlib.Path,
+        help="trust anchors (PEM) to verify the chain against; with --pod the default is the "
+        f"cluster's {TRUST_ROOTS} ConfigMap",
+    )
+    inspect.add_argument(
+        "--identity-namespace",
+        default=env("MESHWARD_NAMESPACE", "meshward"),
+        help=f"where the {TRUST_ROOTS} ConfigMap lives (default: meshward)",
     )
     inspect.set_defaults(func=_inspect)
 
@@ -241,7 +264,7 @@ def _read(path: pathlib.Path) -> bytes:
         raise errors.ConfigError(f"can not read {path}: {exc.strerror}") from exc
 
 
-def _load_chain(data: bytes, path: pathlib.Path) -> list[x509.Certificate]:
+def _load_chain(data: bytes, path: pathlib.Path | str) -> list[x509.Certificate]:
     """PEM (one or more certificates) or DER (one, as Certify returns it)."""
     if b"-----BEGIN" in data:
         return pki.load_certificates(data, what=str(path))
@@ -281,27 +304,93 @@ def _verify_ca_chain(
     raise errors.UntrustedChain("the last certificate is not signed by any of the anchors")
 
 
+def _pod_chain(namespace: str, pod: str, admin_port: int) -> bytes:
+    """The chain a pod's proxy presents, from its admin server's ``/identity?format=pem``."""
+    from kubernetes import client, config
+    from kubernetes.client import exceptions
+
+    config.load_kube_config()  # type: ignore[no-untyped-call]
+    try:
+        found = client.CoreV1Api().read_namespaced_pod(pod, namespace)
+    except exceptions.ApiException as exc:
+        if exc.status == 404:
+            raise errors.ConfigError(f"there is no pod {pod} in namespace {namespace}") from exc
+        raise errors.ConfigError(f"reading pod {namespace}/{pod}: {exc.reason}") from exc
+    ip = found.status.pod_ip if found.status else None
+    if not ip:
+        raise errors.ConfigError(f"pod {namespace}/{pod} has no IP yet: is it running?")
+    host = f"[{ip}]" if ":" in ip else ip
+    url = f"http://{host}:{admin_port}/identity?format=pem"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data: bytes = response.read()
+            return data
+    except urllib.error.HTTPError as exc:
+        raise errors.ConfigError(
+            f"the proxy of pod {namespace}/{pod} holds no certificate ({url} answered "
+            f"{exc.code}): is its identity service reachable?"
+        ) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise errors.ConfigError(
+            f"can not reach the proxy of pod {namespace}/{pod} at {url} ({reason}): is it "
+            "meshed, and is --admin-port its admin port?"
+        ) from exc
+
+
+def _cluster_anchors(namespace: str) -> bytes:
+    from kubernetes import client, config
+    from kubernetes.client import exceptions
+
+    config.load_kube_config()  # type: ignore[no-untyped-call]
+    try:
+        roots = client.CoreV1Api().read_namespaced_config_map(TRUST_ROOTS, namespace)
+    except exceptions.ApiException as exc:
+        raise errors.ConfigError(
+            f"can not read configmap/{TRUST_ROOTS} in namespace {namespace} ({exc.reason}): "
+            "pass --anchors FILE or --identity-namespace"
+        ) from exc
+    bundle = (roots.data or {}).get(authority.ANCHORS, "")
+    if not bundle:
+        raise errors.ConfigError(f"configmap/{TRUST_ROOTS} holds no {authority.ANCHORS}")
+    return str(bundle).encode()
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    chain = _load_chain(_read(args.file), args.file)
+    if (args.file is None) == (args.pod is None):
+        raise errors.ConfigError("inspect takes a FILE or --namespace N --pod P, not both")
+    if args.pod is not None and args.namespace is None:
+        raise errors.ConfigError("--pod needs --namespace")
+    if args.pod is not None:
+        source = f"pod {args.namespace}/{args.pod}"
+        chain = _load_chain(_pod_chain(args.namespace, args.pod, args.admin_port), source)
+        print(f"certificate presented by the proxy of {source}")
+    else:
+        chain = _load_chain(_read(args.file), args.file)
     now = datetime.datetime.now(datetime.UTC)
     for i, cert in enumerate(chain):
         role = "CA" if _is_ca(cert) else "leaf"
         print(f"[{i}] {role if i == 0 else 'intermediate'}")
         for line in _describe(cert, now):
             print(f"    {line}")
-    if args.anchors is None:
+    if args.anchors is not None:
+        where = str(args.anchors)
+        anchors = pki.load_certificates(_read(args.anchors), what=where)
+    elif args.pod is not None:
+        where = f"configmap/{TRUST_ROOTS} in namespace {args.identity_namespace}"
+        anchors = pki.load_certificates(_cluster_anchors(args.identity_namespace), what=where)
+    else:
         print("chain: not verified (pass --anchors FILE to check it against trust anchors)")
         return 0
-    anchors = pki.load_certificates(_read(args.anchors), what=str(args.anchors))
     try:
         if _is_ca(chain[0]):
             _verify_ca_chain(chain, anchors, now)
         else:
             pki.verify_chain(chain[0], chain[1:], anchors, now=now)
     except errors.UntrustedChain as exc:
-        print(f"chain: does NOT verify against {args.anchors}: {exc}")
+        print(f"chain: does NOT verify against {where}: {exc}")
         return 2
-    print(f"chain: verifies against {args.anchors} ({len(anchors)} anchor(s))")
+    print(f"chain: verifies against {where} ({len(anchors)} anchor(s))")
     return 0
 
 

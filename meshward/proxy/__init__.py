@@ -1,6 +1,7 @@
-"""The sidecar proxy (issue 4): workload identity, mTLS both ways, inbound authorization.
+"""The sidecar proxy: workload identity, mTLS both ways, inbound authorization.
 
-Built so far (identity tested against the real identity service, the rest on loopback):
+``meshward proxy`` (or ``python -m meshward.proxy``) runs it; :mod:`~meshward.proxy.run` wires
+the parts, in the order data meets them:
 
     settings    configuration from MESHWARD_PROXY_* variables, every problem named at once
     renewal     when to renew a certificate, and when to retry after a failure (pure)
@@ -8,10 +9,19 @@ Built so far (identity tested against the real identity service, the rest on loo
     tls         TLS 1.3 contexts from that certificate, and the verified peer's SPIFFE ID
     forward     bytes both ways between two connections: backpressure, half-close, cleanup
     detect      TLS, HTTP/1, HTTP/2 or opaque, from the first bytes (pure)
-    inbound     per-connection: mTLS mode, TLS termination, client identity, decision, splice
+    http        HTTP/1 requests and responses framed for per-request decisions; 403/400 (pure)
+    grpc_deny   a refused HTTP/2 connection answered: gRPC status 7 or 403, GOAWAY (pure)
+    inbound     mTLS mode, TLS termination, client identity, the protocol (declared or
+                detected), then one decision per connection (splice, or refuse as the protocol
+                understands) or per HTTP/1 request where routes matter; live connections
+                re-decided on a policy update; a connection limit
     outbound    plaintext from the app, mTLS to the peer, the peer's identity checked
+    metrics     Linkerd-named counters: authorization by server, rule and client; bytes
     policy_source  the compiled document from a file: reloaded, last valid kept, none = deny
+    policy_stream  the same from the policy service's Watch stream, over mTLS
+    admin       /live, /ready, /metrics, /identity
+    run         settings in, every part started and wired, everything stopped
 
-Not yet: per-request HTTP decisions (403, gRPC 7), the streaming policy API, closing live
-connections a new policy no longer allows, the admin server and ``meshward proxy``.
+Not built: per-request decisions on HTTP/2 (decided per connection, failing closed where a
+route would matter) and transparent interception (local mode maps ports explicitly).
 """

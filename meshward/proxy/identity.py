@@ -122,10 +122,13 @@ class WorkloadIdentity:
         *,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
         jitter: Callable[[], float] = random.random,
+        on_certified: Callable[[Certified], None] | None = None,
     ) -> None:
+        """``on_certified`` is called with each new certificate, before it is first used."""
         self._config = config
         self._now = now
         self._jitter = jitter
+        self._on_certified = on_certified
         self.identity = pki.Identity.parse(config.local_name, config.trust_domain)
         self.anchors = pki.load_certificates(config.trust_anchors, what="trust anchors")
         self.key = ec.generate_private_key(ec.SECP256R1())
@@ -167,6 +170,8 @@ class WorkloadIdentity:
         while True:
             try:
                 fresh = await self.certify()
+                if self._on_certified is not None:
+                    self._on_certified(fresh)
             except Exception as exc:  # noqa: BLE001 - renewal must outlive any one failure
                 consecutive += 1
                 self.failures += 1

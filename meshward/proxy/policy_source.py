@@ -4,7 +4,9 @@
 Contract, shared with the streaming source to come: ``current()`` is the last valid policy, or
 None before there was one (the inbound side denies everything then); a document that fails to
 parse or to match its hash is refused and the last valid policy stays; a change on disk is seen
-within ``interval`` seconds (default 0.5 s, inside the 1 s the proxy promises).
+within ``interval`` seconds (default 0.5 s, inside the 1 s the proxy promises); ``on_update``,
+when given, is called with each policy that takes effect, so the inbound side can close live
+connections the new policy no longer allows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 
 from meshward import errors
 from meshward.policy import compiled, decision
@@ -23,9 +26,16 @@ INTERVAL = 0.5
 
 
 class FileSource:
-    def __init__(self, path: pathlib.Path, interval: float = INTERVAL) -> None:
+    def __init__(
+        self,
+        path: pathlib.Path,
+        interval: float = INTERVAL,
+        *,
+        on_update: Callable[[decision.Policy], None] | None = None,
+    ) -> None:
         self.path = path
         self.interval = interval
+        self._on_update = on_update
         self._policy: decision.Policy | None = None
         self._document: compiled.PolicyDocument | None = None
         self._seen: tuple[int, int, int] | None = None
@@ -61,6 +71,8 @@ class FileSource:
         self._policy = decision.Policy(document)
         self.updates += 1
         logger.info("policy %s from %s in effect", document.hash[:19], self.path)
+        if self._on_update is not None:
+            self._on_update(self._policy)
         return True
 
     async def run(self) -> None:

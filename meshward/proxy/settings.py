@@ -9,8 +9,22 @@
     MESHWARD_PROXY_INBOUND_LISTEN_ADDR     inbound listener, default 0.0.0.0:4143
     MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR    outbound listener, default 127.0.0.1:4140
     MESHWARD_PROXY_ADMIN_LISTEN_ADDR       admin listener (metrics, probes), default 0.0.0.0:4191
+    MESHWARD_PROXY_POLICY_FILE             the compiled policy document (the mounted
+                                           meshward-policy ConfigMap's file), or instead:
+    MESHWARD_PROXY_POLICY_SVC_ADDR         the policy service's host:port, and
+    MESHWARD_PROXY_POLICY_SVC_NAME         the DNS name its certificate carries
+    MESHWARD_PROXY_POD_NAME                the pod's name (the policy document lists pods by name)
+    MESHWARD_PROXY_LOCAL_INBOUND           local mode: LISTEN_PORT=APP_PORT[,...]
+    MESHWARD_PROXY_LOCAL_OUTBOUND          local mode: LISTEN_PORT=[IDENTITY@]HOST:PORT[,...]
 
-The first six are required. A variable set to an empty (or blank) value counts as unset.
+The first six are required, and one policy source: a file, or the service's address and name.
+Local mode (no pods, no interception) maps ports explicitly: each inbound entry listens on the
+inbound listener's host at LISTEN_PORT, forwards allowed connections to 127.0.0.1:APP_PORT, and
+is decided as a connection to APP_PORT; each outbound entry takes plaintext on the outbound
+listener's host at LISTEN_PORT and speaks mTLS to HOST:PORT, which must prove IDENTITY (the DNS
+form, <sa>.<ns>.serviceaccount.identity.meshward.<td>) when one is given.
+
+A variable set to an empty (or blank) value counts as unset.
 :func:`from_env` checks every variable and raises one :class:`~meshward.errors.ConfigError`
 listing every problem, each naming its variable and what a valid value looks like, so a person
 fixes them in one go. The token file's contents are never read here, let alone reported.
@@ -25,7 +39,7 @@ import os
 import pathlib
 import re
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from meshward.errors import ConfigError, IdentityError
 from meshward.identity import pki
@@ -39,6 +53,12 @@ IDENTITY_SVC_NAME = "MESHWARD_PROXY_IDENTITY_SVC_NAME"
 INBOUND_LISTEN_ADDR = "MESHWARD_PROXY_INBOUND_LISTEN_ADDR"
 OUTBOUND_LISTEN_ADDR = "MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR"
 ADMIN_LISTEN_ADDR = "MESHWARD_PROXY_ADMIN_LISTEN_ADDR"
+POLICY_FILE = "MESHWARD_PROXY_POLICY_FILE"
+POLICY_SVC_ADDR = "MESHWARD_PROXY_POLICY_SVC_ADDR"
+POLICY_SVC_NAME = "MESHWARD_PROXY_POLICY_SVC_NAME"
+POD_NAME = "MESHWARD_PROXY_POD_NAME"
+LOCAL_INBOUND = "MESHWARD_PROXY_LOCAL_INBOUND"
+LOCAL_OUTBOUND = "MESHWARD_PROXY_LOCAL_OUTBOUND"
 
 EXAMPLES = {
     IDENTITY_DIR: "/var/run/meshward/identity/end-entity",
@@ -50,6 +70,13 @@ EXAMPLES = {
     INBOUND_LISTEN_ADDR: "0.0.0.0:4143",
     OUTBOUND_LISTEN_ADDR: "127.0.0.1:4140",
     ADMIN_LISTEN_ADDR: "0.0.0.0:4191",
+    POLICY_FILE: "/var/run/meshward/policy/policy.json",
+    POLICY_SVC_ADDR: "meshward-policy.meshward.svc:8090",
+    POLICY_SVC_NAME: "meshward-policy.meshward.serviceaccount.identity.meshward.cluster.local",
+    POD_NAME: "web-5d8f7c9b4-x2x7q",
+    LOCAL_INBOUND: "4143=8080,4144=9090",
+    LOCAL_OUTBOUND: "4140=web.emojivoto.serviceaccount.identity.meshward.cluster.local"
+    "@127.0.0.1:5143",
 }
 """A valid value of each variable, as quoted in error messages."""
 
@@ -64,6 +91,10 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 
 _T = TypeVar("_T")
+
+
+class _Read(Protocol):
+    def __call__(self, var: str, check: Callable[[str], _T]) -> _T | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +123,24 @@ class Address:
 
 
 @dataclasses.dataclass(frozen=True)
+class LocalInbound:
+    """Local mode: connections to ``listen`` go to the application on ``app_port``."""
+
+    listen: Address
+    app_port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalOutbound:
+    """Local mode: plaintext on ``listen`` goes out as mTLS to ``peer``, which must be
+    ``identity`` (DNS form) when that is set."""
+
+    listen: Address
+    peer: Address
+    identity: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ProxySettings:
     """Everything the proxy reads from its environment, checked (see the module docstring)."""
 
@@ -108,6 +157,18 @@ class ProxySettings:
     inbound: Address = Address("0.0.0.0", 4143)
     outbound: Address = Address("127.0.0.1", 4140)
     admin: Address = Address("0.0.0.0", 4191)
+    policy_file: pathlib.Path | None = None
+    policy_svc_addr: Address | None = None
+    policy_svc_name: str | None = None
+    """With ``policy_svc_addr``; exactly one policy source is set."""
+    pod_name: str | None = None
+    local_inbound: tuple[LocalInbound, ...] = ()
+    local_outbound: tuple[LocalOutbound, ...] = ()
+
+    @property
+    def namespace(self) -> str:
+        """The workload's namespace, from its identity name."""
+        return self.local_name.split(".")[1]
 
 
 def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
@@ -152,11 +213,28 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         OUTBOUND_LISTEN_ADDR: listener(OUTBOUND_LISTEN_ADDR, ProxySettings.outbound),
         ADMIN_LISTEN_ADDR: listener(ADMIN_LISTEN_ADDR, ProxySettings.admin),
     }
-    for (var_a, a), (var_b, b) in itertools.combinations(listeners.items(), 2):
+    policy_file, policy_svc_addr, policy_svc_name = _policy_source(env, read, problems)
+    pod_name = read(POD_NAME, _pod_name) if env.get(POD_NAME, "").strip() else None
+    inbound_host = (listeners[INBOUND_LISTEN_ADDR] or ProxySettings.inbound).host
+    outbound_host = (listeners[OUTBOUND_LISTEN_ADDR] or ProxySettings.outbound).host
+    local_inbound: tuple[LocalInbound, ...] = ()
+    local_outbound: tuple[LocalOutbound, ...] = ()
+    if env.get(LOCAL_INBOUND, "").strip():
+        local_inbound = read(LOCAL_INBOUND, lambda v: _local_inbound(v, inbound_host)) or ()
+    if env.get(LOCAL_OUTBOUND, "").strip():
+        local_outbound = read(LOCAL_OUTBOUND, lambda v: _local_outbound(v, outbound_host)) or ()
+    named = list(listeners.items())
+    named += [(LOCAL_INBOUND, entry.listen) for entry in local_inbound]
+    named += [(LOCAL_OUTBOUND, entry.listen) for entry in local_outbound]
+    if local_inbound:  # the local entries stand in for the inbound listener
+        named = [(var, a) for var, a in named if var != INBOUND_LISTEN_ADDR]
+    if local_outbound:
+        named = [(var, a) for var, a in named if var != OUTBOUND_LISTEN_ADDR]
+    for (var_a, a), (var_b, b) in itertools.combinations(named, 2):
         if a is not None and b is not None and _overlap(a, b):
+            where = var_a if var_a == var_b else f"{var_a} ({a}) and {var_b}"
             problems.append(
-                f"{var_a} ({a}) and {var_b} ({b}) would listen on the same port: "
-                "give each listener its own port"
+                f"{where} ({b}) would listen on the same port: give each listener its own port"
             )
     if problems:
         if len(problems) == 1:
@@ -179,7 +257,41 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         inbound=inbound,
         outbound=outbound,
         admin=admin,
+        policy_file=policy_file,
+        policy_svc_addr=policy_svc_addr,
+        policy_svc_name=policy_svc_name,
+        pod_name=pod_name,
+        local_inbound=local_inbound,
+        local_outbound=local_outbound,
     )
+
+
+def _policy_source(
+    env: Mapping[str, str],
+    read: _Read,
+    problems: list[str],
+) -> tuple[pathlib.Path | None, Address | None, str | None]:
+    """Exactly one policy source: the file, or the service's address and name together."""
+    given = {
+        var for var in (POLICY_FILE, POLICY_SVC_ADDR, POLICY_SVC_NAME) if env.get(var, "").strip()
+    }
+    if not given:
+        problems.append(
+            f"no policy source: set {POLICY_FILE} to {_describe(POLICY_FILE)}, or "
+            f"{POLICY_SVC_ADDR} and {POLICY_SVC_NAME} to the policy service's address and name"
+        )
+        return None, None, None
+    if POLICY_FILE in given and given - {POLICY_FILE}:
+        problems.append(
+            f"{POLICY_FILE} and {POLICY_SVC_ADDR}/{POLICY_SVC_NAME} are both set: "
+            "choose one policy source"
+        )
+        return None, None, None
+    if POLICY_FILE in given:
+        return read(POLICY_FILE, _policy_file), None, None
+    addr = read(POLICY_SVC_ADDR, lambda value: _address(value, listen=False))
+    name = read(POLICY_SVC_NAME, _svc_name)
+    return None, addr, name
 
 
 # -- one check per variable ------------------------------------------------------------------
@@ -286,6 +398,63 @@ def _is_sa_ns(prefix: str) -> bool:
     return len(labels) == 2 and all(_DNS_LABEL.fullmatch(label) for label in labels)
 
 
+def _policy_file(value: str) -> pathlib.Path:
+    path = pathlib.Path(value)
+    if path.is_dir():
+        raise _Invalid("is a directory: name the document's file inside it")
+    if not path.parent.is_dir():
+        raise _Invalid(f"is in {str(path.parent)!r}, which is not a directory")
+    return path  # the file itself may appear later: until then there is no policy, so deny
+
+
+def _pod_name(value: str) -> str:
+    if not _is_dns_name(value):
+        raise _Invalid("is not a pod name (lowercase letters, digits, '-' and '.')")
+    return value
+
+
+def _entries(value: str) -> list[tuple[str, str]]:
+    entries = []
+    for entry in value.split(","):
+        left, equals, right = entry.strip().partition("=")
+        if not equals or not left or not right:
+            raise _Invalid(f"has entry {entry.strip()!r}, which is not LISTEN_PORT=...")
+        entries.append((left.strip(), right.strip()))
+    return entries
+
+
+def _port(text: str, what: str) -> int:
+    if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
+        raise _Invalid(f"has {what} {text!r}, which is not a port number from 1 to 65535")
+    return int(text)
+
+
+def _local_inbound(value: str, host: str) -> tuple[LocalInbound, ...]:
+    return tuple(
+        LocalInbound(Address(host, _port(listen, "listen port")), _port(app, "application port"))
+        for listen, app in _entries(value)
+    )
+
+
+def _local_outbound(value: str, host: str) -> tuple[LocalOutbound, ...]:
+    found = []
+    for listen, target in _entries(value):
+        identity, at, peer = target.rpartition("@")
+        if at:
+            try:
+                _local_name(identity)
+            except _Invalid as e:
+                raise _Invalid(f"names peer identity {identity!r}, which {e}") from None
+        try:
+            address = _address(peer, listen=False)
+        except _Invalid as e:
+            raise _Invalid(f"has peer {peer!r}, which {e}") from None
+        found.append(
+            LocalOutbound(Address(host, _port(listen, "listen port")), address, identity or None)
+        )
+    return tuple(found)
+
+
 def _svc_name(value: str) -> str:
     if not _is_dns_name(value):
         raise _Invalid(
@@ -310,6 +479,12 @@ _DESCRIPTIONS = {
     INBOUND_LISTEN_ADDR: "the inbound listener's host:port, [ipv6]:port or :port (or unset it)",
     OUTBOUND_LISTEN_ADDR: "the outbound listener's host:port, [ipv6]:port or :port (or unset it)",
     ADMIN_LISTEN_ADDR: "the admin listener's host:port, [ipv6]:port or :port (or unset it)",
+    POLICY_FILE: "the path of the compiled policy document",
+    POLICY_SVC_ADDR: "the policy service's host:port",
+    POLICY_SVC_NAME: "the DNS name on the policy service's certificate",
+    POD_NAME: "the pod's name",
+    LOCAL_INBOUND: "LISTEN_PORT=APP_PORT entries separated by commas",
+    LOCAL_OUTBOUND: "LISTEN_PORT=[IDENTITY@]HOST:PORT entries separated by commas",
 }
 
 

@@ -1,0 +1,150 @@
+"""The proxy's admin server: probes, metrics and the current identity, over plain HTTP/1.
+
+    GET /live       200 while the process runs
+    GET /ready      200 once the proxy holds a certificate, 503 before (and after it expired)
+    GET /metrics    Prometheus text (see :mod:`meshward.proxy.metrics`)
+    GET /identity   JSON: identity name, SPIFFE ID, expiry and seconds left; 503 without one
+    GET /identity?format=pem   the certificate chain the proxy presents, PEM (public material
+                    only: the key never leaves key.p8)
+
+Four read-only endpoints do not need a web framework: this is a small asyncio server that reads
+one request head (at most 8 KiB, within 5 s), answers it and closes the connection, which keeps
+the proxy's memory small and its surface obvious. Anything else gets 404, 405 or 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+from collections.abc import Callable
+
+from meshward.proxy import identity, metrics
+
+logger = logging.getLogger(__name__)
+
+MAX_HEAD = 8 * 1024
+READ_TIMEOUT = 5.0
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+    def encode(self) -> bytes:
+        head = (
+            f"HTTP/1.1 {self.status} {_REASONS[self.status]}\r\n"
+            f"content-type: {self.content_type}\r\n"
+            f"content-length: {len(self.body)}\r\n"
+            "connection: close\r\n\r\n"
+        )
+        return head.encode("ascii") + self.body
+
+
+class Admin:
+    """Answers admin requests from the proxy's live state (pure: :meth:`respond` does no I/O)."""
+
+    def __init__(
+        self,
+        *,
+        metrics: metrics.Metrics,
+        certified: Callable[[], identity.Certified | None],
+        now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self._metrics = metrics
+        self._certified = certified
+        self._now = now
+
+    def respond(self, method: str, target: str) -> Response:
+        path, _, query = target.partition("?")
+        routes: dict[str, Callable[[str], Response]] = {
+            "/live": lambda _: Response(200, b"live\n"),
+            "/ready": self._ready,
+            "/metrics": lambda _: Response(
+                200, self._metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+            ),
+            "/identity": self._identity,
+        }
+        route = routes.get(path)
+        if route is None:
+            return Response(404, f"no such endpoint {path!r}: try {', '.join(routes)}\n".encode())
+        if method not in ("GET", "HEAD"):
+            return Response(405, f"{path} answers GET only\n".encode())
+        response = route(query)
+        if method == "HEAD":
+            return dataclasses.replace(response, body=b"")
+        return response
+
+    def _held(self) -> identity.Certified | None:
+        certified = self._certified()
+        if certified is None or certified.not_after <= self._now():
+            return None
+        return certified
+
+    def _ready(self, _: str) -> Response:
+        if self._held() is None:
+            return Response(503, b"not ready: no certificate yet\n")
+        return Response(200, b"ready\n")
+
+    def _identity(self, query: str) -> Response:
+        certified = self._held()
+        if certified is None:
+            return Response(503, b"no certificate yet\n")
+        if query == "format=pem":
+            return Response(200, certified.chain_pem(), "application/x-pem-file")
+        body = {
+            "identity": certified.identity.dns_name,
+            "spiffe_id": certified.identity.spiffe_id,
+            "not_before": certified.leaf.not_valid_before_utc.isoformat(),
+            "not_after": certified.not_after.isoformat(),
+            "seconds_left": int((certified.not_after - self._now()).total_seconds()),
+            "serial": format(certified.leaf.serial_number, "x"),
+        }
+        return Response(200, json.dumps(body, indent=2).encode() + b"\n", "application/json")
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request per connection; the connection is closed on every path."""
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+            except asyncio.LimitOverrunError:
+                response = Response(400, b"request head too large\n")
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+            else:
+                response = self._parse_and_respond(head)
+            writer.write(response.encode())
+            await writer.drain()
+        except (OSError, ConnectionError) as exc:
+            logger.debug("admin connection ended: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+
+    def _parse_and_respond(self, head: bytes) -> Response:
+        line = head.split(b"\r\n", 1)[0]
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return Response(400, b"not an HTTP/1 request line\n")
+        try:
+            method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            return Response(400, b"request line is not ASCII\n")
+        return self.respond(method, target)
+
+    async def serve(self, host: str, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self.handle, host, port, limit=MAX_HEAD)

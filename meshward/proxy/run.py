@@ -1,0 +1,314 @@
+"""The running proxy: settings in, every part started and wired together, everything stopped.
+
+``meshward proxy`` and ``python -m meshward.proxy`` call :func:`main`. Tests and the demo call
+:func:`start` for an in-process proxy and ``Running.stop()`` when done.
+
+Wiring, in start order:
+
+1. :class:`~meshward.proxy.identity.WorkloadIdentity` makes the key and keeps a certificate;
+   each new certificate first becomes a fresh set of TLS contexts (:class:`Contexts`), which new
+   connections take while live ones keep theirs.
+2. The policy source (a file, or the policy service) follows the namespace's compiled document;
+   each update is handed to the inbound side, which closes live connections it no longer allows.
+3. Local mode listeners: one inbound listener per ``LISTEN_PORT=APP_PORT`` entry, one outbound
+   listener per ``LISTEN_PORT=[IDENTITY@]HOST:PORT`` entry.
+4. The admin server: ready once a certificate is held.
+
+Nothing waits for the certificate before listening: until one arrives, inbound TLS and outbound
+connections are refused (and the admin server says not ready), exactly as after an expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from cryptography.hazmat.primitives import serialization
+
+from meshward import errors
+from meshward.identity import pki
+from meshward.policy import decision
+from meshward.proxy import (
+    admin,
+    identity,
+    inbound,
+    metrics,
+    outbound,
+    policy_source,
+    policy_stream,
+    settings,
+    tls,
+)
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class Contexts:
+    """TLS contexts for the certificate currently held; rebuilt once per new certificate."""
+
+    def __init__(
+        self,
+        config: settings.ProxySettings,
+        now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self._config = config
+        self._now = now
+        self._certified: identity.Certified | None = None
+        self._server_mtls: ssl.SSLContext | None = None
+        self._server_optional: ssl.SSLContext | None = None
+        self._client: ssl.SSLContext | None = None
+
+    def update(self, certified: identity.Certified) -> None:
+        """Build contexts for ``certified``; raises (keeping the old ones) if that fails."""
+        directory, anchors = self._config.identity_dir, self._config.trust_anchors
+        server_mtls = tls.server_context(directory, certified, anchors)
+        server_optional = tls.server_context(
+            directory, certified, anchors, require_client_certificate=False
+        )
+        client = tls.client_context(directory, certified, anchors)
+        self._server_mtls, self._server_optional, self._client = (
+            server_mtls,
+            server_optional,
+            client,
+        )
+        self._certified = certified
+
+    @property
+    def certified(self) -> identity.Certified | None:
+        """The certificate in use, None before the first and after it expired."""
+        held = self._certified
+        if held is None or held.not_after <= self._now():
+            return None
+        return held
+
+    def server(self, require_client_certificate: bool) -> ssl.SSLContext | None:
+        if self.certified is None:
+            return None
+        return self._server_mtls if require_client_certificate else self._server_optional
+
+    def client(self) -> ssl.SSLContext | None:
+        return self._client if self.certified is not None else None
+
+
+PolicySource = policy_source.FileSource | policy_stream.StreamSource
+
+
+@dataclasses.dataclass
+class Running:
+    """A started proxy. ``inbound_ports``/``outbound_ports``/``admin_port`` are the bound ports
+    (useful when the settings asked for port 0)."""
+
+    config: settings.ProxySettings
+    identity: identity.WorkloadIdentity
+    contexts: Contexts
+    metrics: metrics.Metrics
+    source: PolicySource
+    inbound: inbound.Inbound
+    outbound: outbound.Outbound
+    inbound_ports: list[int]
+    outbound_ports: list[int]
+    admin_port: int
+    _closers: list[Callable[[], Awaitable[None]]]
+    _tasks: list[asyncio.Task[None]]
+
+    async def stop(self) -> None:
+        """Stop listening, close every connection, stop renewing; safe to call twice."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        closers, self._closers = self._closers, []
+        for close in reversed(closers):
+            try:
+                await close()
+            except (OSError, RuntimeError) as exc:
+                logger.debug("while stopping: %s", exc)
+        await self.identity.close()
+
+
+def _policy_source(
+    config: settings.ProxySettings,
+    on_update: Callable[[decision.Policy], None],
+    contexts: Contexts,
+    key: bytes,
+) -> PolicySource:
+    """The file source for local runs, else the policy service, authenticated with the
+    workload certificate (the stream waits until there is one)."""
+    if config.policy_file is not None:
+        return policy_source.FileSource(config.policy_file, on_update=on_update)
+    assert config.policy_svc_addr is not None and config.policy_svc_name is not None
+
+    def credentials() -> tuple[bytes, bytes] | None:
+        held = contexts.certified
+        return (key, held.chain_pem()) if held is not None else None
+
+    return policy_stream.StreamSource(
+        str(config.policy_svc_addr),
+        config.policy_svc_name,
+        config.namespace,
+        config.trust_anchors,
+        credentials,
+        on_update=on_update,
+    )
+
+
+async def start(config: settings.ProxySettings) -> Running:
+    """Start every part of the proxy; raises :class:`~meshward.errors.ConfigError` when a
+    listener can not bind (nothing is left running then)."""
+    loop = asyncio.get_running_loop()
+    proxy_metrics = metrics.Metrics()
+    contexts = Contexts(config)
+
+    def certified(fresh: identity.Certified) -> None:
+        contexts.update(fresh)
+        proxy_metrics.cert_refresh.inc()
+
+    workload = identity.WorkloadIdentity(config, on_certified=certified)
+    proxy_metrics.certificate_expiry(
+        lambda: held.not_after.timestamp() if (held := contexts.certified) else 0.0
+    )
+
+    key_pem = workload.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+    holder: list[inbound.Inbound] = []
+
+    def policy_updated(policy: decision.Policy) -> None:
+        proxy_metrics.policy_updates.inc()
+        if holder:
+            closed = holder[0].revalidate(policy)
+            if closed:
+                logger.info("policy update closed %d connection(s) it no longer allows", closed)
+
+    source = _policy_source(config, policy_updated, contexts, key_pem)
+    inbound_side = inbound.Inbound(
+        policy=source.current,
+        server_context=contexts.server,
+        pod=config.pod_name,
+        labels={},
+        metrics=proxy_metrics,
+    )
+    holder.append(inbound_side)
+    outbound_side = outbound.Outbound(client_context=contexts.client, metrics=proxy_metrics)
+    answers = admin.Admin(metrics=proxy_metrics, certified=lambda: contexts.certified)
+
+    closers: list[Callable[[], Awaitable[None]]] = []
+    tasks: list[asyncio.Task[None]] = []
+    running = Running(
+        config=config,
+        identity=workload,
+        contexts=contexts,
+        metrics=proxy_metrics,
+        source=source,
+        inbound=inbound_side,
+        outbound=outbound_side,
+        inbound_ports=[],
+        outbound_ports=[],
+        admin_port=0,
+        _closers=closers,
+        _tasks=tasks,
+    )
+    try:
+        tasks.append(loop.create_task(workload.run(), name="identity"))
+        tasks.append(loop.create_task(source.run(), name="policy"))
+        for entry in config.local_inbound:
+            listener = await _bind(
+                f"inbound {entry.listen}",
+                inbound_side.serve(entry.listen.host, entry.listen.port, entry.app_port),
+            )
+            closers.append(_closer(listener))
+            running.inbound_ports.append(listener.port)
+        for out in config.local_outbound:
+            route = outbound.Route(
+                out.peer.host,
+                out.peer.port,
+                pki.Identity.parse(out.identity, config.trust_domain).spiffe_id
+                if out.identity
+                else None,
+            )
+            server = await _bind(
+                f"outbound {out.listen}",
+                outbound_side.serve(out.listen.host, out.listen.port, route),
+            )
+            closers.append(_closer(server))
+            running.outbound_ports.append(server.sockets[0].getsockname()[1])
+        admin_server = await _bind(
+            f"admin {config.admin}", answers.serve(config.admin.host, config.admin.port)
+        )
+        closers.append(_closer(admin_server))
+        running.admin_port = admin_server.sockets[0].getsockname()[1]
+    except BaseException:
+        await running.stop()
+        raise
+    if not config.local_inbound:
+        logger.warning(
+            "no inbound ports: set %s (transparent interception comes with injection)",
+            settings.LOCAL_INBOUND,
+        )
+    logger.info(
+        "proxy for %s: inbound %s, outbound %s, admin %d",
+        config.local_name,
+        running.inbound_ports or "none",
+        running.outbound_ports or "none",
+        running.admin_port,
+    )
+    return running
+
+
+def _closer(server: asyncio.Server | inbound._Server) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    return close
+
+
+async def _bind(what: str, starting: Awaitable[_T]) -> _T:
+    try:
+        return await starting
+    except OSError as exc:
+        raise errors.ConfigError(f"can not listen for {what}: {exc.strerror}") from exc
+
+
+async def run(config: settings.ProxySettings) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    running = await start(config)
+    try:
+        await stopping.wait()
+        logger.info("stopping")
+    finally:
+        await running.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``meshward proxy`` command: settings from the environment, logs to stderr."""
+    verbose = "--verbose" in (argv or [])
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("meshward").setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        config = settings.from_env()
+        asyncio.run(run(config))
+    except errors.MeshwardError as exc:
+        print(f"meshward proxy: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,446 @@
+"""``python -m meshward.proxy`` end to end: real proxies in their own processes, certified by the
+real identity service, following the document the real operator compiles from applied resources.
+
+Each test runs a workload as in local mode: an application (an echo server in the test), the
+server's proxy in front of it, and client proxies whose outbound ports lead to the server's
+inbound port. The policy file stands in for the mounted ``meshward-policy`` ConfigMap: the test
+copies the operator's document into it, as the kubelet would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from kubernetes import client
+from prometheus_client import parser
+
+from meshward.policy import compiled
+from tests import kubetest
+from tests.test_identity_service import IdentityService, init_trust, name, token_for
+
+pytestmark = pytest.mark.cluster
+
+
+class Proxy:
+    """One proxy process and its admin endpoints."""
+
+    def __init__(
+        self,
+        tmp: pathlib.Path,
+        service: IdentityService,
+        token: str,
+        local_name: str,
+        policy_file: pathlib.Path,
+        *,
+        app_port: int | None = None,
+        peer: tuple[int, str] | None = None,
+        pod: str | None = None,
+    ) -> None:
+        self.dir = tmp
+        (tmp / "identity").mkdir(parents=True)
+        (tmp / "token").write_text(token)
+        self.log = tmp / "proxy.log"
+        self.inbound_port = kubetest.free_port()
+        self.outbound_port = kubetest.free_port()
+        self.admin_port = kubetest.free_port()
+        self.env = {
+            "MESHWARD_PROXY_IDENTITY_DIR": str(tmp / "identity"),
+            "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS": (service.trust / "ca-bundle.crt").read_text(),
+            "MESHWARD_PROXY_IDENTITY_TOKEN_FILE": str(tmp / "token"),
+            "MESHWARD_PROXY_IDENTITY_LOCAL_NAME": local_name,
+            "MESHWARD_PROXY_IDENTITY_SVC_ADDR": f"127.0.0.1:{service.port}",
+            "MESHWARD_PROXY_IDENTITY_SVC_NAME": "localhost",
+            "MESHWARD_PROXY_POLICY_FILE": str(policy_file),
+            "MESHWARD_PROXY_INBOUND_LISTEN_ADDR": "127.0.0.1:4143",
+            "MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR": "127.0.0.1:4140",
+            "MESHWARD_PROXY_ADMIN_LISTEN_ADDR": f"127.0.0.1:{self.admin_port}",
+        }
+        if app_port is not None:
+            self.env["MESHWARD_PROXY_LOCAL_INBOUND"] = f"{self.inbound_port}={app_port}"
+        if peer is not None:
+            port, identity = peer
+            self.env["MESHWARD_PROXY_LOCAL_OUTBOUND"] = (
+                f"{self.outbound_port}={identity}@127.0.0.1:{port}"
+            )
+        if pod is not None:
+            self.env["MESHWARD_PROXY_POD_NAME"] = pod
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> Proxy:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "meshward.proxy", "--verbose"],
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        if wait:
+            kubetest.wait_for(f"the proxy to be ready\n{self.log_tail()}", self.ready, 30)
+        return self
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def ready(self) -> bool:
+        return self._answers("/ready")
+
+    def live(self) -> bool:
+        return self._answers("/live")
+
+    def _answers(self, path: str) -> bool:
+        try:
+            return self.get(path)[0] == 200
+        except OSError:
+            return False
+
+    def identity(self) -> dict[str, object]:
+        status, body = self.get("/identity")
+        assert status == 200, body
+        found: dict[str, object] = json.loads(body)
+        return found
+
+    def metric(self, metric: str, **labels: str) -> float:
+        """The sum of ``metric``'s samples whose labels include ``labels``."""
+        _, body = self.get("/metrics")
+        return sum(
+            sample.value
+            for family in parser.text_string_to_metric_families(body.decode())
+            for sample in family.samples
+            if sample.name == metric and labels.items() <= sample.labels.items()
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def server_and_authorization(ns: str, port: int, *clients: str) -> str:
+    """An opaque Server on ``port`` for pods app=web, and who may reach it."""
+    manifest = textwrap.dedent(f"""
+        apiVersion: policy.meshward.io/v1alpha1
+        kind: Server
+        metadata: {{name: web, namespace: {ns}}}
+        spec:
+          podSelector: {{matchLabels: {{app: web}}}}
+          port: {port}
+          proxyProtocol: opaque
+    """)
+    for sa in clients:
+        manifest += "---" + textwrap.dedent(f"""
+            apiVersion: policy.meshward.io/v1alpha1
+            kind: ServerAuthorization
+            metadata: {{name: from-{sa}, namespace: {ns}}}
+            spec:
+              server: {{name: web}}
+              client:
+                networks: [{{cidr: 127.0.0.0/8}}]  # local mode: clients come from loopback
+                meshTLS:
+                  serviceAccounts: [{{name: {sa}}}]
+        """)
+    return manifest
+
+
+def mount_policy(
+    core: client.CoreV1Api, ns: str, path: pathlib.Path, authorizations: int
+) -> compiled.PolicyDocument:
+    """Wait for the operator's document with that many authorizations on Server web, then
+    write it where the proxy reads it (atomically, as the kubelet swaps a ConfigMap volume)."""
+    doc = kubetest.wait_document(
+        core,
+        ns,
+        lambda d: [len(s.rules) for s in d.servers if s.name == "web"] == [authorizations],
+        f"Server web with {authorizations} authorization(s)",
+    )
+    staged = path.with_suffix(".tmp")
+    staged.write_text(doc.to_json())
+    staged.replace(path)
+    return doc
+
+
+@pytest.fixture
+def identity_service(kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[IdentityService]:
+    svc = IdentityService(
+        kubeconfig,
+        init_trust(tmp_path / "trust"),
+        tmp_path / "identity.log",
+        extra=("--lifetime", "25s"),
+    )
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[int]:
+    """An echo server: the application behind the server's proxy."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def ping(port: int, payload: bytes = b"ping") -> bytes:
+    """Connect, send ``payload``, and return what comes back before the echo or EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.readexactly(len(payload)), 5)
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+def mesh(
+    operator: kubetest.Operator,
+    kubectl: kubetest.Kubectl,
+    core: client.CoreV1Api,
+    namespace: str,
+    identity_service: IdentityService,
+    app: int,
+    tmp_path: pathlib.Path,
+) -> Iterator[dict[str, Proxy]]:
+    """Pod web-0 served by a proxy that lets ServiceAccount ``client`` in; proxies for
+    ``client`` and ``intruder`` pointing at it."""
+    ns = namespace
+    kubectl.apply(kubetest.pod_manifest(ns, "web-0", "web"))
+    kubectl.apply(server_and_authorization(ns, app, "client"))
+    policy_file = tmp_path / "policy.json"
+    mount_policy(core, ns, policy_file, 1)
+    web = name("web", ns)
+    proxies = {
+        "web": Proxy(
+            tmp_path / "web",
+            identity_service,
+            token_for(core, ns, "web"),
+            web,
+            policy_file,
+            app_port=app,
+            pod="web-0",
+        )
+    }
+    for sa in ("client", "intruder"):
+        proxies[sa] = Proxy(
+            tmp_path / sa,
+            identity_service,
+            token_for(core, ns, sa),
+            name(sa, ns),
+            policy_file,
+            peer=(proxies["web"].inbound_port, web),
+        )
+    try:
+        for proxy in proxies.values():
+            proxy.start()
+        yield proxies
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()
+
+
+async def test_the_authorized_client_gets_through_and_no_one_else(
+    mesh: dict[str, Proxy], namespace: str
+) -> None:
+    web, ok, intruder = mesh["web"], mesh["client"], mesh["intruder"]
+    assert await ping(ok.outbound_port) == b"ping"
+    assert await ping(intruder.outbound_port) == b""
+    assert await ping(web.inbound_port) == b""  # plaintext: no identity, not authorized
+    assert (
+        web.metric(
+            "inbound_tcp_authz_allow_total",
+            srv_kind="Server",
+            srv_name="web",
+            authz_kind="ServerAuthorization",
+            authz_name="from-client",
+            client_id=name("client", namespace),
+        )
+        == 1
+    )
+    assert web.metric("inbound_tcp_authz_deny_total", client_id=name("intruder", namespace)) == 1
+    assert web.metric("inbound_tcp_authz_deny_total", tls="false") == 1
+    assert "intruder" in web.log_tail()  # the deny names the client
+
+
+async def test_a_policy_update_reaches_a_live_proxy(
+    mesh: dict[str, Proxy],
+    kubectl: kubetest.Kubectl,
+    core: client.CoreV1Api,
+    namespace: str,
+    app: int,
+    tmp_path: pathlib.Path,
+) -> None:
+    web, ok, intruder = mesh["web"], mesh["client"], mesh["intruder"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", ok.outbound_port)
+    try:
+        writer.write(b"before")
+        assert await asyncio.wait_for(reader.readexactly(6), 5) == b"before"
+        # Now intruder is let in and client is not.
+        kubectl.apply(server_and_authorization(namespace, app, "intruder"))
+        kubectl.run("delete", "serverauthorization", "from-client", "-n", namespace)
+        doc = kubetest.wait_document(
+            core,
+            namespace,
+            lambda d: (
+                [r.name for s in d.servers if s.name == "web" for r in s.rules] == ["from-intruder"]
+            ),
+            "only intruder authorized",
+        )
+        staged = tmp_path / "policy.tmp"
+        staged.write_text(doc.to_json())
+        written = time.monotonic()
+        staged.replace(tmp_path / "policy.json")
+        # The live connection is closed, within a second.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert time.monotonic() - written < 1.5
+    finally:
+        writer.close()
+    assert await ping(ok.outbound_port) == b""
+    assert await ping(intruder.outbound_port) == b"ping"
+    assert web.metric("inbound_tcp_authz_terminate_total", client_id=name("client", namespace)) == 1
+    assert web.metric("policy_updates_total") == 2
+
+
+async def test_renewal_under_continuous_traffic_fails_no_connection(
+    mesh: dict[str, Proxy],
+) -> None:
+    web, ok = mesh["web"], mesh["client"]
+    serials = {str(web.identity()["serial"])}
+    failures = attempts = 0
+    reader, writer = await asyncio.open_connection("127.0.0.1", ok.outbound_port)
+    try:
+        deadline = time.monotonic() + 45  # 25 s certificates: renewed about every 17 s
+        while time.monotonic() < deadline:
+            attempts += 1
+            if await ping(ok.outbound_port, b"x" * 512) != b"x" * 512:
+                failures += 1
+            writer.write(b"long-lived")
+            assert await asyncio.wait_for(reader.readexactly(10), 5) == b"long-lived"
+            serials.add(str(web.identity()["serial"]))
+            await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+    assert failures == 0, f"{failures} of {attempts} connections failed"
+    assert attempts > 200
+    assert len(serials) >= 3  # the first certificate and at least two renewals, all served
+    assert web.metric("identity_cert_refresh_total") >= 3
+    assert ok.metric("identity_cert_refresh_total") >= 3
+
+
+def test_a_missing_setting_stops_it_at_start(tmp_path: pathlib.Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHWARD_PROXY_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshward.proxy"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "MESHWARD_PROXY_IDENTITY_DIR is not set" in proc.stderr
+    assert "MESHWARD_PROXY_POLICY_FILE" in proc.stderr
+
+
+def test_not_ready_until_it_holds_a_certificate(
+    kubeconfig: pathlib.Path, core: client.CoreV1Api, namespace: str, tmp_path: pathlib.Path
+) -> None:
+    service = IdentityService(kubeconfig, init_trust(tmp_path / "trust"), tmp_path / "id.log")
+    proxy = Proxy(
+        tmp_path / "web",
+        service,
+        token_for(core, namespace, "web"),
+        name("web", namespace),
+        tmp_path / "policy.json",
+    )
+    proxy.start(wait=False)
+    try:
+        kubetest.wait_for(f"the admin server\n{proxy.log_tail()}", proxy.live)
+        assert proxy.get("/ready")[0] == 503  # the identity service is not running yet
+        assert proxy.metric("identity_cert_expiration_timestamp_seconds") == 0
+        service.start()
+        try:
+            kubetest.wait_for(f"readiness\n{proxy.log_tail()}", proxy.ready, 30)
+            assert proxy.identity()["spiffe_id"] == f"spiffe://cluster.local/ns/{namespace}/sa/web"
+        finally:
+            service.stop()
+    finally:
+        proxy.stop()
+
+
+def test_inspect_the_certificate_a_pod_presents(
+    mesh: dict[str, Proxy],
+    core: client.CoreV1Api,
+    kubeconfig: pathlib.Path,
+    namespace: str,
+) -> None:
+    web = mesh["web"]
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+
+    def inspect(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshward", "identity", "inspect", "-n", namespace, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
+    admin = ("--admin-port", str(web.admin_port), "--identity-namespace", namespace)
+    no_ip = inspect("--pod", "web-0", *admin)
+    assert no_ip.returncode == 1 and "has no IP yet" in no_ip.stderr
+    # No kubelet here: say where the pod runs, as the kubelet would.
+    status = {"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}}
+    core.patch_namespaced_pod_status("web-0", namespace, status)
+    core.create_namespaced_config_map(
+        namespace,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name="meshward-identity-trust-roots"),
+            data={"ca-bundle.crt": web.env["MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS"]},
+        ),
+    )
+    found = inspect("--pod", "web-0", *admin)
+    assert found.returncode == 0, found.stderr
+    assert f"spiffe id: spiffe://cluster.local/ns/{namespace}/sa/web" in found.stdout
+    assert "days left" in found.stdout
+    assert "chain: verifies against configmap/meshward-identity-trust-roots" in found.stdout
+    wrong_port = inspect("--pod", "web-0", "--admin-port", str(kubetest.free_port()))
+    assert wrong_port.returncode == 1 and "can not reach the proxy" in wrong_port.stderr
+    missing = inspect("--pod", "web-9", *admin)
+    assert missing.returncode == 1 and "there is no pod web-9" in missing.stderr
