@@ -25,6 +25,7 @@ REQUIRED = [
     settings.LOCAL_NAME,
     settings.IDENTITY_SVC_ADDR,
     settings.IDENTITY_SVC_NAME,
+    settings.POD_NAME,
 ]
 LISTENERS = {
     settings.INBOUND_LISTEN_ADDR: "inbound",
@@ -55,6 +56,7 @@ def env(tmp_path: pathlib.Path, anchors: bytes) -> dict[str, str]:
         settings.IDENTITY_SVC_ADDR: "meshward-identity.meshward.svc:8080",
         settings.IDENTITY_SVC_NAME: SVC_NAME,
         settings.POLICY_FILE: str(tmp_path / "policy.json"),
+        settings.POD_NAME: "web-0",
     }
 
 
@@ -181,7 +183,7 @@ def test_each_required_variable_missing(env: dict[str, str], var: str, how: str)
 
 def test_everything_missing_names_every_variable() -> None:
     message = problem({})
-    assert message.startswith("proxy configuration has 7 problems:")
+    assert message.startswith("proxy configuration has 8 problems:")
     for var in REQUIRED:
         assert f"{var} is not set" in message
     assert f"no policy source: set {settings.POLICY_FILE}" in message
@@ -447,7 +449,6 @@ def test_module_docstring_lists_every_variable() -> None:
         settings.POLICY_FILE,
         settings.POLICY_SVC_ADDR,
         settings.POLICY_SVC_NAME,
-        settings.POD_NAME,
         settings.LOCAL_INBOUND,
         settings.LOCAL_OUTBOUND,
     ]
@@ -499,7 +500,7 @@ def test_a_policy_file_in_a_missing_directory(env: dict[str, str], tmp_path: pat
 
 
 def test_the_pod_name(env: dict[str, str]) -> None:
-    assert settings.from_env(env).pod_name is None
+    assert settings.from_env(env).pod_name == "web-0"
     env[settings.POD_NAME] = "web-5d8f7c9b4-x2x7q"
     assert settings.from_env(env).pod_name == "web-5d8f7c9b4-x2x7q"
     env[settings.POD_NAME] = "Web_1"

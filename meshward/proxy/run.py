@@ -185,14 +185,31 @@ async def start(config: settings.ProxySettings) -> Running:
 
     def policy_updated(policy: decision.Policy) -> None:
         proxy_metrics.policy_updates.inc()
-        if holder:
+        if config.pod_name not in policy.document.pods:
+            logger.warning(
+                "the policy for namespace %s does not list pod %s (yet): denying every "
+                "inbound connection until it does",
+                policy.document.namespace,
+                config.pod_name,
+            )
+        elif holder:
             closed = holder[0].revalidate(policy)
             if closed:
                 logger.info("policy update closed %d connection(s) it no longer allows", closed)
 
     source = _policy_source(config, policy_updated, contexts, key_pem)
+
+    def placed() -> decision.Policy | None:
+        """The policy, once it knows this pod: until the operator has added the pod (with its
+        labels, which Servers select by) to the document, no decision could see which Servers
+        cover it, so every connection is denied."""
+        policy = source.current()
+        if policy is None or config.pod_name not in policy.document.pods:
+            return None
+        return policy
+
     inbound_side = inbound.Inbound(
-        policy=source.current,
+        policy=placed,
         server_context=contexts.server,
         pod=config.pod_name,
         labels={},

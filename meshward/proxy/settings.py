@@ -13,11 +13,13 @@
                                            meshward-policy ConfigMap's file), or instead:
     MESHWARD_PROXY_POLICY_SVC_ADDR         the policy service's host:port, and
     MESHWARD_PROXY_POLICY_SVC_NAME         the DNS name its certificate carries
-    MESHWARD_PROXY_POD_NAME                the pod's name (the policy document lists pods by name)
+    MESHWARD_PROXY_POD_NAME                the pod's name: the policy document lists pods by
+                                           name, with the labels Servers select them by
     MESHWARD_PROXY_LOCAL_INBOUND           local mode: LISTEN_PORT=APP_PORT[,...]
     MESHWARD_PROXY_LOCAL_OUTBOUND          local mode: LISTEN_PORT=[IDENTITY@]HOST:PORT[,...]
 
-The first six are required, and one policy source: a file, or the service's address and name.
+The first six are required, the pod's name, and one policy source: a file, or the service's
+address and name.
 Local mode (no pods, no interception) maps ports explicitly: each inbound entry listens on the
 inbound listener's host at LISTEN_PORT, forwards allowed connections to 127.0.0.1:APP_PORT, and
 is decided as a connection to APP_PORT; each outbound entry takes plaintext on the outbound
@@ -162,6 +164,8 @@ class ProxySettings:
     policy_svc_name: str | None = None
     """With ``policy_svc_addr``; exactly one policy source is set."""
     pod_name: str | None = None
+    """Always set from the environment; None only for identity-only uses of these settings,
+    and a proxy without it denies every inbound connection."""
     local_inbound: tuple[LocalInbound, ...] = ()
     local_outbound: tuple[LocalOutbound, ...] = ()
 
@@ -214,7 +218,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         ADMIN_LISTEN_ADDR: listener(ADMIN_LISTEN_ADDR, ProxySettings.admin),
     }
     policy_file, policy_svc_addr, policy_svc_name = _policy_source(env, read, problems)
-    pod_name = read(POD_NAME, _pod_name) if env.get(POD_NAME, "").strip() else None
+    pod_name = read(POD_NAME, _pod_name)
     inbound_host = (listeners[INBOUND_LISTEN_ADDR] or ProxySettings.inbound).host
     outbound_host = (listeners[OUTBOUND_LISTEN_ADDR] or ProxySettings.outbound).host
     local_inbound: tuple[LocalInbound, ...] = ()
