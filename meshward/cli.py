@@ -84,6 +84,50 @@ def _proxy(args: argparse.Namespace) -> int:
     return run.main(["--verbose"] if args.verbose else [])
 
 
+def _proxy_init(args: argparse.Namespace) -> int:
+    from meshward.proxy import proxy_init
+
+    return proxy_init.main(args)
+
+
+def _inject(args: argparse.Namespace) -> int:
+    import datetime
+
+    import yaml
+
+    from meshward import inject
+    from meshward.operator import _settings
+
+    settings = _settings.injector_from_arguments(args)
+    source = "standard input" if args.filename == "-" else args.filename
+    try:
+        text = sys.stdin.read() if args.filename == "-" else pathlib.Path(args.filename).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise errors.InjectionError(f"can not read {source}: {reason}") from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "unreadable"
+        raise errors.InjectionError(
+            f"{source} is not valid YAML{where}: {problem}; fix the file"
+        ) from None
+    if not documents:
+        raise errors.InjectionError(f"{source} holds no Kubernetes objects")
+    at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    output, reports = [], []
+    for i, document in enumerate(documents, start=1):
+        injected, more = inject.inject_object(document, settings, at, f"document {i}")
+        output.append(injected)
+        reports += more
+    sys.stdout.write(yaml.safe_dump_all(output, sort_keys=False))
+    for report in reports:
+        print(report, file=sys.stderr)
+    return 0
+
+
 def _policy_explain(args: argparse.Namespace) -> int:
     from meshward import explain
 
@@ -140,6 +184,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument("--verbose", action="store_true", help="debug logs from meshward")
     proxy.set_defaults(func=_proxy)
+
+    proxy_init = sub.add_parser(
+        "proxy-init",
+        help="install the iptables rules that send a pod's TCP traffic through its proxy",
+        description="Install, in the current network namespace, the nat rules that redirect "
+        "inbound and outbound TCP to the proxy, exempting the proxy's own UID, loopback, the "
+        "admin port and the skipped ports. Idempotent; needs root (CAP_NET_ADMIN).",
+    )
+    from meshward.proxy import proxy_init as proxy_init_module
+
+    proxy_init_module.add_arguments(proxy_init)
+    proxy_init.set_defaults(func=_proxy_init)
+
+    injector = sub.add_parser(
+        "inject",
+        help="add the meshward proxy to the pods of Kubernetes manifests (written to stdout)",
+        description="Read manifests (one or many YAML documents, List kinds included), add the "
+        "meshward proxy to the pod templates of Pods, Deployments, StatefulSets, DaemonSets, "
+        "ReplicaSets, Jobs and CronJobs, and write them to standard output; standard error "
+        "says for each object whether it was injected, or why not. A template annotated "
+        "meshward.io/inject: disabled, a hostNetwork pod and an injected pod are left as they "
+        "are. Settings come from the flags, else the MESHWARD_INJECT_* variables the operator "
+        "reads, so both inject the same proxy.",
+    )
+    injector.add_argument(
+        "-f", "--filename", required=True, metavar="FILE", help="manifest file, or - for stdin"
+    )
+    injector.add_argument("--trust-domain", help="mesh trust domain [MESHWARD_TRUST_DOMAIN]")
+    _settings.add_injector_arguments(injector)
+    injector.set_defaults(func=_inject)
 
     policy = sub.add_parser("policy", help="inspect and serve compiled policy")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")

@@ -15,6 +15,9 @@
     │   ├── IdentityMismatch   the token authenticates another ServiceAccount
     │   ├── IssuerError        the issuer is missing, expired or does not chain to an anchor
     │   └── UntrustedChain     a certificate chain does not verify against the anchors
+    ├── InterceptionError      transparent interception could not be installed or used
+    │   └── NotRedirected      a connection reached the proxy without being redirected to it
+    ├── InjectionError         a pod or manifest can not be injected with the proxy as written
     └── ConfigError            a setting is missing or malformed
 
 Messages are written for the person who has to act on them: what is wrong, then what to do.
@@ -90,6 +93,21 @@ class IssuerError(IdentityError):
 
 class UntrustedChain(IdentityError):
     """A certificate chain does not verify against the trust anchors."""
+
+
+class InterceptionError(MeshwardError):
+    """The iptables rules that steer a pod's traffic through its proxy could not be installed;
+    the message names the rule, why it failed and what to do."""
+
+
+class NotRedirected(InterceptionError):
+    """A connection reached a transparent listener directly, not through a redirect rule, so it
+    has no original destination to forward to."""
+
+
+class InjectionError(MeshwardError):
+    """A pod or manifest can not be injected as written: a bad ``meshward.io/inject`` value, a
+    port or UID that collides with the proxy, or a manifest that does not parse."""
 
 
 class ConfigError(MeshwardError):

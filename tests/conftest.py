@@ -6,6 +6,7 @@ starting one (the CRDs are applied to it; the operator runs locally against it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client, config
 
-from meshward import devcluster
+from meshward import devcluster, inject
+from meshward.operator import _settings
 from tests import kubetest
 
 
@@ -88,7 +90,24 @@ def operator(
     yield op
     op.stop()
     admission.delete_validating_webhook_configuration(op.webhook_name)
+    with contextlib.suppress(client.exceptions.ApiException):  # made by the injector
+        admission.delete_mutating_webhook_configuration(op.webhook_name)
     core.delete_namespace(op.root_namespace)
+
+
+@pytest.fixture(scope="session")
+def injector(operator: kubetest.Operator, core: client.CoreV1Api) -> inject.Settings:
+    """The session operator's injector, answering the API server; its settings."""
+    name = f"t-inject-ready-{uuid.uuid4().hex[:5]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    try:
+        kubetest.wait_service_account(core, name)
+        kubetest.wait_injecting(core, name, "the session operator's injector")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\noperator log:\n{operator.log_tail()}") from exc
+    finally:
+        core.delete_namespace(name)
+    return _settings.injector_from_env(operator.env())
 
 
 @pytest.fixture

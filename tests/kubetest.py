@@ -218,3 +218,26 @@ class Operator:
     def log_tail(self, lines: int = 40) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_injecting(
+    core: client.CoreV1Api, namespace: str, what: str = "the injector", timeout: float = 30.0
+) -> None:
+    """Until the API server calls an injector that injects pods of ``namespace`` (it learns of
+    webhook configurations a moment after they change). Dry-run creates go through admission
+    and store nothing."""
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"probe-{uuid.uuid4().hex[:6]}",
+            "annotations": {"meshward.io/inject": "enabled"},
+        },
+        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+    }
+
+    def injected() -> bool:
+        pod = core.create_namespaced_pod(namespace, probe, dry_run="All")
+        return bool(pod.spec.containers[0].name == "meshward-proxy")
+
+    wait_for(f"{what} to inject pods in {namespace}", injected, timeout)

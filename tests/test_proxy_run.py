@@ -64,8 +64,9 @@ class Proxy:
             "MESHWARD_PROXY_IDENTITY_LOCAL_NAME": local_name,
             "MESHWARD_PROXY_IDENTITY_SVC_ADDR": f"127.0.0.1:{service.port}",
             "MESHWARD_PROXY_IDENTITY_SVC_NAME": "localhost",
-            "MESHWARD_PROXY_INBOUND_LISTEN_ADDR": "127.0.0.1:4143",
-            "MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR": "127.0.0.1:4140",
+            # Host only, in local mode; without local entries (transparent mode) the listeners.
+            "MESHWARD_PROXY_INBOUND_LISTEN_ADDR": f"127.0.0.1:{kubetest.free_port()}",
+            "MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR": f"127.0.0.1:{kubetest.free_port()}",
             "MESHWARD_PROXY_ADMIN_LISTEN_ADDR": f"127.0.0.1:{self.admin_port}",
         }
         if policy_file is not None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from kubernetes import client
 
+from meshward import inject
 from meshward.policy import compiled, decision
 from tests import kubetest
 
@@ -217,6 +218,24 @@ def test_deny_with_probes(
         policy, admin, decision.Client(None, "10.0.0.1", False), decision.Request("GET", "/debug")
     ).allowed
     assert not decision.decide(policy, admin, decision.Client(None, "10.20.1.5", False)).allowed
+
+
+def test_injected_namespace(
+    apply_sample: ApplySample, core: client.CoreV1Api, injector: inject.Settings
+) -> None:
+    """The Deployment's pod, created by its ReplicaSet (a controller, as in a real cluster),
+    is stored with the proxy."""
+    applied = apply_sample("injected-namespace.yaml", ("booksapp",))
+    ns = applied.ns("booksapp")
+    (pod,) = kubetest.wait_for(
+        "the webapp Deployment's pod",
+        lambda: core.list_namespaced_pod(ns, label_selector="app=webapp").items,
+        timeout=60,
+    )
+    assert [c.name for c in pod.spec.containers] == ["meshward-proxy", "webapp"]
+    assert [c.name for c in pod.spec.init_containers] == ["meshward-init"]
+    assert pod.spec.containers[0].image == injector.image
+    assert pod.metadata.annotations[inject.VERSION_ANNOTATION] == injector.version
 
 
 def test_every_sample_is_applied_by_a_test() -> None:

@@ -20,8 +20,15 @@ the parts, in the order data meets them:
     policy_source  the compiled document from a file: reloaded, last valid kept, none = deny
     policy_stream  the same from the policy service's Watch stream, over mTLS
     admin       /live, /ready, /metrics, /identity
+    interception  the iptables rules that steer a pod's TCP through its proxy (pure)
+    proxy_init  ``meshward proxy-init``: those rules installed, idempotently
+    original_dst  where a redirected connection was going (SO_ORIGINAL_DST)
+    transparent accept loops for redirected connections, both directions
     run         settings in, every part started and wired, everything stopped
 
+Two modes: local (explicit LISTEN=APP port maps on loopback, for runs without pods) and
+transparent (no local entries: the pod's traffic arrives through the interception rules).
 Not built: per-request decisions on HTTP/2 (decided per connection, failing closed where a
-route would matter) and transparent interception (local mode maps ports explicitly).
+route would matter), and destination discovery: in transparent mode an outbound peer must prove
+some mesh identity, not one known in advance.
 """

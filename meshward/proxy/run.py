@@ -11,7 +11,8 @@ Wiring, in start order:
 2. The policy source (a file, or the policy service) follows the namespace's compiled document;
    each update is handed to the inbound side, which closes live connections it no longer allows.
 3. Local mode listeners: one inbound listener per ``LISTEN_PORT=APP_PORT`` entry, one outbound
-   listener per ``LISTEN_PORT=[IDENTITY@]HOST:PORT`` entry.
+   listener per ``LISTEN_PORT=[IDENTITY@]HOST:PORT`` entry; with no such entries, transparent
+   mode (:mod:`~meshward.proxy.transparent`) on the inbound and outbound listener addresses.
 4. The admin server: ready once a certificate is held.
 
 Nothing waits for the certificate before listening: until one arrives, inbound TLS and outbound
@@ -45,6 +46,7 @@ from meshward.proxy import (
     policy_stream,
     settings,
     tls,
+    transparent,
 )
 
 logger = logging.getLogger(__name__)
@@ -259,6 +261,25 @@ async def start(config: settings.ProxySettings) -> Running:
             )
             closers.append(_closer(server))
             running.outbound_ports.append(server.sockets[0].getsockname()[1])
+        if config.transparent:
+            side = transparent.Transparent(
+                inbound_side=inbound_side,
+                outbound_side=outbound_side,
+                mesh_networks=config.mesh_networks,
+                proxy_ports=(config.admin.port,),
+            )
+            redirected_in = await _bind(
+                f"inbound {config.inbound}",
+                side.serve_inbound(config.inbound.host, config.inbound.port),
+            )
+            closers.append(_closer(redirected_in))
+            running.inbound_ports.append(redirected_in.port)
+            redirected_out = await _bind(
+                f"outbound {config.outbound}",
+                side.serve_outbound(config.outbound.host, config.outbound.port),
+            )
+            closers.append(_closer(redirected_out))
+            running.outbound_ports.append(redirected_out.port)
         admin_server = await _bind(
             f"admin {config.admin}", answers.serve(config.admin.host, config.admin.port)
         )
@@ -267,10 +288,11 @@ async def start(config: settings.ProxySettings) -> Running:
     except BaseException:
         await running.stop()
         raise
-    if not config.local_inbound:
+    if not config.transparent and not config.local_inbound:
         logger.warning(
-            "no inbound ports: set %s (transparent interception comes with injection)",
+            "no inbound ports: set %s, or unset %s for transparent mode",
             settings.LOCAL_INBOUND,
+            settings.LOCAL_OUTBOUND,
         )
     logger.info(
         "proxy for %s: inbound %s, outbound %s, admin %d",
@@ -282,7 +304,9 @@ async def start(config: settings.ProxySettings) -> Running:
     return running
 
 
-def _closer(server: asyncio.Server | inbound._Server) -> Callable[[], Awaitable[None]]:
+def _closer(
+    server: asyncio.Server | inbound._Server | transparent.Listener,
+) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
         server.close()
         await server.wait_closed()

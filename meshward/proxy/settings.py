@@ -17,6 +17,9 @@
                                            name, with the labels Servers select them by
     MESHWARD_PROXY_LOCAL_INBOUND           local mode: LISTEN_PORT=APP_PORT[,...]
     MESHWARD_PROXY_LOCAL_OUTBOUND          local mode: LISTEN_PORT=[IDENTITY@]HOST:PORT[,...]
+    MESHWARD_PROXY_OUTBOUND_MESH_NETWORKS  transparent mode: CIDRs whose destinations get mTLS,
+                                           default the private ranges (10/8, 100.64/10,
+                                           172.16/12, 192.168/16, fd00::/8)
 
 The first six are required, the pod's name, and one policy source: a file, or the service's
 address and name.
@@ -25,6 +28,9 @@ inbound listener's host at LISTEN_PORT, forwards allowed connections to 127.0.0.
 is decided as a connection to APP_PORT; each outbound entry takes plaintext on the outbound
 listener's host at LISTEN_PORT and speaks mTLS to HOST:PORT, which must prove IDENTITY (the DNS
 form, <sa>.<ns>.serviceaccount.identity.meshward.<td>) when one is given.
+Transparent mode (no LOCAL_* entries: ``meshward proxy-init`` redirects the pod's TCP) takes
+every redirected connection on the inbound and outbound listeners, reads its original
+destination, and speaks mTLS to destinations in the mesh networks, plaintext to the others.
 
 A variable set to an empty (or blank) value counts as unset.
 :func:`from_env` checks every variable and raises one :class:`~meshward.errors.ConfigError`
@@ -45,6 +51,7 @@ from typing import Protocol, TypeVar
 
 from meshward.errors import ConfigError, IdentityError
 from meshward.identity import pki
+from meshward.proxy import transparent
 
 IDENTITY_DIR = "MESHWARD_PROXY_IDENTITY_DIR"
 TRUST_ANCHORS = "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS"
@@ -61,6 +68,7 @@ POLICY_SVC_NAME = "MESHWARD_PROXY_POLICY_SVC_NAME"
 POD_NAME = "MESHWARD_PROXY_POD_NAME"
 LOCAL_INBOUND = "MESHWARD_PROXY_LOCAL_INBOUND"
 LOCAL_OUTBOUND = "MESHWARD_PROXY_LOCAL_OUTBOUND"
+MESH_NETWORKS = "MESHWARD_PROXY_OUTBOUND_MESH_NETWORKS"
 
 EXAMPLES = {
     IDENTITY_DIR: "/var/run/meshward/identity/end-entity",
@@ -79,6 +87,7 @@ EXAMPLES = {
     LOCAL_INBOUND: "4143=8080,4144=9090",
     LOCAL_OUTBOUND: "4140=web.emojivoto.serviceaccount.identity.meshward.cluster.local"
     "@127.0.0.1:5143",
+    MESH_NETWORKS: "10.0.0.0/8,fd00::/8",
 }
 """A valid value of each variable, as quoted in error messages."""
 
@@ -168,6 +177,13 @@ class ProxySettings:
     and a proxy without it denies every inbound connection."""
     local_inbound: tuple[LocalInbound, ...] = ()
     local_outbound: tuple[LocalOutbound, ...] = ()
+    mesh_networks: tuple[transparent.Network, ...] = transparent.parse_mesh_networks("")
+    """Transparent mode: where outbound connections go over mTLS."""
+
+    @property
+    def transparent(self) -> bool:
+        """No local-mode entries: connections arrive through the interception rules."""
+        return not self.local_inbound and not self.local_outbound
 
     @property
     def namespace(self) -> str:
@@ -227,6 +243,9 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         local_inbound = read(LOCAL_INBOUND, lambda v: _local_inbound(v, inbound_host)) or ()
     if env.get(LOCAL_OUTBOUND, "").strip():
         local_outbound = read(LOCAL_OUTBOUND, lambda v: _local_outbound(v, outbound_host)) or ()
+    mesh_networks = transparent.parse_mesh_networks("")
+    if env.get(MESH_NETWORKS, "").strip():
+        mesh_networks = read(MESH_NETWORKS, _mesh_networks) or mesh_networks
     named = list(listeners.items())
     named += [(LOCAL_INBOUND, entry.listen) for entry in local_inbound]
     named += [(LOCAL_OUTBOUND, entry.listen) for entry in local_outbound]
@@ -267,6 +286,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         pod_name=pod_name,
         local_inbound=local_inbound,
         local_outbound=local_outbound,
+        mesh_networks=mesh_networks,
     )
 
 
@@ -459,6 +479,15 @@ def _local_outbound(value: str, host: str) -> tuple[LocalOutbound, ...]:
     return tuple(found)
 
 
+def _mesh_networks(value: str) -> tuple[transparent.Network, ...]:
+    for entry in value.split(","):
+        try:
+            ipaddress.ip_network(entry.strip())
+        except ValueError:
+            raise _Invalid(f"has {entry.strip()!r}, which is not a network in CIDR form") from None
+    return transparent.parse_mesh_networks(value)
+
+
 def _svc_name(value: str) -> str:
     if not _is_dns_name(value):
         raise _Invalid(
@@ -489,6 +518,7 @@ _DESCRIPTIONS = {
     POD_NAME: "the pod's name",
     LOCAL_INBOUND: "LISTEN_PORT=APP_PORT entries separated by commas",
     LOCAL_OUTBOUND: "LISTEN_PORT=[IDENTITY@]HOST:PORT entries separated by commas",
+    MESH_NETWORKS: "CIDRs separated by commas",
 }
 
 

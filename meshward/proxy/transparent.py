@@ -1,0 +1,307 @@
+"""Transparent mode: the accept loops behind ``meshward proxy-init``'s redirect rules.
+
+The application dials ordinary addresses and ports; iptables sends every such connection to
+the proxy's inbound or outbound port, and this module reads where each was going
+(:mod:`meshward.proxy.original_dst`) and hands it to the side that decides:
+
+- inbound: a connection to ``ip:port`` of the pod is decided as one to ``port`` and forwarded
+  to the application on ``127.0.0.1:port`` (:meth:`Inbound.handle
+  <meshward.proxy.inbound.Inbound.handle>`). One that was not redirected, or was addressed to a
+  port of the proxy's own, is refused: there is no application behind it.
+- outbound: a connection to ``ip:port`` inside the mesh networks (the cluster's pod and service
+  ranges) is carried over mTLS to that same ``ip:port`` (:meth:`Outbound.handle
+  <meshward.proxy.outbound.Outbound.handle>`); there the peer's own rules redirect it to the
+  peer's inbound proxy, which reads its own original destination. Any other destination is
+  passed through in plaintext, unread, as if there were no proxy. The peer's identity is not
+  known in advance (no discovery yet): any identity the trust anchors vouch for is accepted.
+
+Both loops tolerate a failing accept (out of descriptors, say) by backing off, and both are
+bounded: inbound by the inbound side's own limit, outbound by ``max_outbound`` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Coroutine, Iterable
+
+from meshward import errors
+from meshward.proxy import forward, inbound, original_dst, outbound
+
+logger = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_MESH_NETWORKS = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"
+"""The private ranges clusters take pod and service addresses from."""
+CONNECT_TIMEOUT = 10.0
+ACCEPT_BACKOFF = 0.1
+OVER_LIMIT_LOG_INTERVAL = 1.0
+
+
+def parse_mesh_networks(text: str, what: str = "the mesh networks") -> tuple[Network, ...]:
+    """CIDRs separated by commas, e.g. ``10.0.0.0/8,fd00::/8``; blank: the defaults.
+
+    Raises :class:`~meshward.errors.ConfigError` naming ``what`` and the entry at fault.
+    """
+    if not text.strip():
+        text = DEFAULT_MESH_NETWORKS
+    found: list[Network] = []
+    for raw in text.split(","):
+        entry = raw.strip()
+        try:
+            found.append(ipaddress.ip_network(entry))
+        except ValueError as exc:
+            raise errors.ConfigError(
+                f"{what} has {entry!r}, which is not a network ({exc}): give CIDRs separated by "
+                f"commas, e.g. {DEFAULT_MESH_NETWORKS}"
+            ) from None
+    return tuple(found)
+
+
+@dataclasses.dataclass
+class Counters:
+    """What the accept loops did with connections, for tests and logs."""
+
+    inbound: int = 0
+    """Handed to the inbound side."""
+    inbound_refused: int = 0
+    """Not redirected, or addressed to one of the proxy's own ports."""
+    meshed: int = 0
+    """Outbound, carried over mTLS."""
+    passed_through: int = 0
+    """Outbound to a destination outside the mesh networks, passed through in plaintext."""
+    outbound_refused: int = 0
+    """Outbound but not redirected."""
+    outbound_failed: int = 0
+    """Passed through, but the destination could not be reached."""
+    over_limit: int = 0
+
+
+class Listener:
+    """One accept loop and the connections it started, closed together."""
+
+    def __init__(
+        self, listener: socket.socket, accepting: asyncio.Task[None], tasks: set[asyncio.Task[None]]
+    ) -> None:
+        self._listener = listener
+        self._accepting = accepting
+        self._tasks = tasks
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def close(self) -> None:
+        self._accepting.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self._listener.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._accepting, *list(self._tasks), return_exceptions=True)
+
+
+class Transparent:
+    """The inbound and outbound accept loops of one proxy in transparent mode.
+
+    ``mesh_networks`` (default :data:`DEFAULT_MESH_NETWORKS`) are where outbound connections
+    go over mTLS. ``proxy_ports`` are the proxy's own ports (the admin port, say): a redirected
+    connection addressed to one of them is refused; the ports the loops listen on are added as
+    they bind.
+    """
+
+    def __init__(
+        self,
+        *,
+        inbound_side: inbound.Inbound,
+        outbound_side: outbound.Outbound,
+        mesh_networks: Iterable[Network] | None = None,
+        proxy_ports: Iterable[int] = (),
+        max_outbound: int = 10_000,
+    ) -> None:
+        self._inbound = inbound_side
+        self._outbound = outbound_side
+        self._mesh = tuple(mesh_networks) if mesh_networks is not None else parse_mesh_networks("")
+        self._proxy_ports = set(proxy_ports)
+        self._max_outbound = max_outbound
+        self._outbound_open = 0
+        self._over_limit_logged = float("-inf")
+        self.counters = Counters()
+
+    def meshed(self, host: str) -> bool:
+        """Whether a connection to ``host`` is carried over mTLS."""
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._mesh)
+
+    async def serve_inbound(self, host: str, port: int) -> Listener:
+        """Take redirected inbound connections on ``host:port``."""
+        return await self._serve(host, port, self._inbound_connection, "inbound")
+
+    async def serve_outbound(self, host: str, port: int) -> Listener:
+        """Take redirected outbound connections on ``host:port``."""
+        return await self._serve(host, port, self._outbound_connection, "outbound")
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    async def _serve(
+        self,
+        host: str,
+        port: int,
+        handle: Callable[[socket.socket], Coroutine[None, None, None]],
+        what: str,
+    ) -> Listener:
+        loop = asyncio.get_running_loop()
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # One family per socket: the kernel reports no original destination for an
+                # IPv4 client of an IPv6 socket.
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind((host, port))
+            listener.listen(512)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._proxy_ports.add(int(listener.getsockname()[1]))
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def accept_loop() -> None:
+            while True:
+                try:
+                    sock, _ = await loop.sock_accept(listener)
+                except OSError as exc:  # out of descriptors, say: back off, keep listening
+                    logger.warning(
+                        "accepting %s connections on port %d failed: %s", what, port, exc
+                    )
+                    await asyncio.sleep(ACCEPT_BACKOFF)
+                    continue
+                try:
+                    sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError as exc:  # the client is gone already
+                    logger.debug("%s connection dropped at accept: %s", what, exc)
+                    sock.close()
+                    continue
+                task = loop.create_task(handle(sock))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        return Listener(listener, loop.create_task(accept_loop()), tasks)
+
+    def _destination(self, sock: socket.socket, what: str) -> original_dst.Destination | None:
+        """The original destination, or None (``sock`` closed) when there is none to use."""
+        try:
+            dest = original_dst.original_destination(sock)
+        except (errors.NotRedirected, OSError) as exc:
+            logger.info("%s connection refused: %s", what, exc)
+            sock.close()
+            return None
+        return dest
+
+    # -- inbound ------------------------------------------------------------------------------
+
+    async def _inbound_connection(self, sock: socket.socket) -> None:
+        dest = self._destination(sock, "inbound")
+        if dest is None:
+            self.counters.inbound_refused += 1
+            return
+        if dest.port in self._proxy_ports:
+            self.counters.inbound_refused += 1
+            logger.info(
+                "refused an inbound connection to %s: the port is the proxy's own, "
+                "not the application's",
+                dest,
+            )
+            sock.close()
+            return
+        self.counters.inbound += 1
+        await self._inbound.handle(sock, dest.port, dest.port)
+
+    # -- outbound -----------------------------------------------------------------------------
+
+    async def _outbound_connection(self, sock: socket.socket) -> None:
+        dest = self._destination(sock, "outbound")
+        if dest is None:
+            self.counters.outbound_refused += 1
+            return
+        if self._outbound_open >= self._max_outbound:
+            sock.close()
+            self._over_limit()
+            return
+        self._outbound_open += 1
+        try:
+            reader, writer = await _streams(sock)
+            if self.meshed(dest.host):
+                self.counters.meshed += 1
+                await self._outbound.handle(
+                    reader, writer, outbound.Route(dest.host, dest.port, None)
+                )
+            else:
+                self.counters.passed_through += 1
+                await self._pass_through(reader, writer, dest)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            logger.debug("outbound connection to %s ended: %s", dest, exc)
+        except Exception:
+            logger.exception("outbound connection to %s failed unexpectedly", dest)
+        finally:
+            self._outbound_open -= 1
+            with contextlib.suppress(OSError):
+                sock.close()  # a no-op once a transport owns and closed it
+
+    async def _pass_through(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        dest: original_dst.Destination,
+    ) -> None:
+        """Plaintext to a destination outside the mesh, as the application sent it."""
+        metrics = self._outbound.metrics
+        metrics.opened("outbound")
+        tally = forward.Transferred()
+        try:
+            try:
+                peer = await asyncio.wait_for(
+                    asyncio.open_connection(dest.host, dest.port, limit=forward.CHUNK),
+                    CONNECT_TIMEOUT,
+                )
+            except (OSError, TimeoutError) as exc:
+                self.counters.outbound_failed += 1
+                logger.info("outbound to %s (outside the mesh) failed: %s", dest, exc)
+                return
+            await forward.splice((reader, writer), peer, tally=tally)
+        finally:
+            writer.transport.abort()  # after splice, a no-op: it closed both already
+            metrics.closed("outbound", tally.a_to_b, tally.b_to_a)
+
+    def _over_limit(self) -> None:
+        self.counters.over_limit += 1
+        self._outbound.metrics.over_limit("outbound")
+        now = asyncio.get_running_loop().time()
+        if now - self._over_limit_logged >= OVER_LIMIT_LOG_INTERVAL:
+            logger.warning(
+                "closed an outbound connection at once: %d are open, the most allowed",
+                self._max_outbound,
+            )
+            self._over_limit_logged = now
+
+
+async def _streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams over an accepted socket; the transport owns the socket from here on."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=forward.CHUNK)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
