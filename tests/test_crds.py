@@ -24,12 +24,23 @@ import yaml
 from pydantic.fields import FieldInfo
 
 from meshward import errors
+from meshward.identity import trustdomain
 from meshward.policy import resources, workload
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"
 SAMPLE_DIR = ROOT / "samples"
 KIND_NAMES = sorted(resources.KINDS)
+MODELS: dict[str, type[pydantic.BaseModel]] = {
+    **resources.KINDS,
+    trustdomain.KIND: trustdomain.TrustDomain,
+}
+"""Every kind with a CRD: the policy kinds and the identity group's TrustDomain."""
+ALL_KINDS = sorted(MODELS)
+CRD_FILES = {
+    **{kind: f"{plural}.yaml" for kind, plural in resources.PLURALS.items()},
+    trustdomain.KIND: "trustdomain.yaml",
+}
 
 # The only anyOf a structural schema may carry, and only beside x-kubernetes-int-or-string.
 INT_OR_STRING_ANY_OF = [{"type": "integer"}, {"type": "string"}]
@@ -70,7 +81,7 @@ def _load_crds() -> dict[str, Schema]:
         crd = docs[0]
         kind = crd["spec"]["names"]["kind"]
         assert kind not in crds, f"{path.name}: a second CRD for {kind}"
-        assert path.name == f"{resources.PLURALS.get(kind)}.yaml", f"{path.name} holds {kind}"
+        assert path.name == CRD_FILES.get(kind), f"{path.name} holds {kind}"
         crds[kind] = crd
     return crds
 
@@ -99,8 +110,13 @@ def _is_policy(doc: Schema) -> bool:
     return str(doc.get("apiVersion", "")).split("/")[0] == resources.GROUP
 
 
+def _is_identity(doc: Schema) -> bool:
+    return str(doc.get("apiVersion", "")).split("/")[0] == trustdomain.GROUP
+
+
 SAMPLE_DOCS = list(_sample_docs())
 POLICY_SAMPLES = [(name, doc) for name, doc in SAMPLE_DOCS if _is_policy(doc)]
+IDENTITY_SAMPLES = [(name, doc) for name, doc in SAMPLE_DOCS if _is_identity(doc)]
 
 
 # -- model side: annotations to OpenAPI ------------------------------------------------------
@@ -313,7 +329,7 @@ def _check_default(field: FieldInfo, node: Schema, path: str) -> list[str]:
 
 
 def _mirror_resource(kind: str, schema: Schema) -> list[str]:
-    model = resources.KINDS[kind]
+    model = MODELS[kind]
     problems = []
     fields = {_alias(n, f): f for n, f in model.model_fields.items()}
     if set(schema.get("properties", {})) != set(fields):
@@ -469,7 +485,47 @@ def _resolve(schema: Schema, json_path: str) -> Schema | None:
 
 
 def test_one_crd_per_kind() -> None:
-    assert set(CRDS) == set(resources.KINDS)
+    assert set(CRDS) == set(MODELS)
+
+
+def test_trustdomain_crd_identity() -> None:
+    crd = CRDS[trustdomain.KIND]
+    assert crd["metadata"]["name"] == f"{trustdomain.PLURAL}.{trustdomain.GROUP}"
+    spec = crd["spec"]
+    assert (spec["group"], spec["scope"]) == (trustdomain.GROUP, "Cluster")
+    names = spec["names"]
+    assert (names["kind"], names["plural"], names["singular"], names["listKind"]) == (
+        "TrustDomain",
+        trustdomain.PLURAL,
+        "trustdomain",
+        "TrustDomainList",
+    )
+    assert names["categories"] == ["meshward", "identity"]
+    assert [(v["name"], v["served"], v["storage"]) for v in spec["versions"]] == [
+        (trustdomain.VERSION, True, True)
+    ]
+
+
+def test_trustdomain_printer_columns() -> None:
+    columns = _version(trustdomain.KIND)["additionalPrinterColumns"]
+    names = [c["name"] for c in columns]
+    assert names == [
+        "Trust-Domain",
+        "Phase",
+        "Anchor-Expires",
+        "Issuer-Expires",
+        "Waiting-For",
+        "Ready",
+        "Age",
+    ]
+    for column in columns:
+        if not column["jsonPath"].startswith(".metadata."):
+            assert _resolve(_schema(trustdomain.KIND), column["jsonPath"]) is not None, column
+
+
+def test_trustdomain_phase_enum_matches_the_model() -> None:
+    phase = _schema(trustdomain.KIND)["properties"]["status"]["properties"]["phase"]
+    assert phase["enum"] == [p.value for p in trustdomain.Phase]
 
 
 @pytest.mark.parametrize("kind", KIND_NAMES)
@@ -501,7 +557,7 @@ def test_short_names_are_unique() -> None:
             seen[short] = kind
 
 
-@pytest.mark.parametrize("kind", KIND_NAMES)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_status_subresource_and_conditions(kind: str) -> None:
     assert _version(kind)["subresources"] == {"status": {}}
     status = _schema(kind)["properties"]["status"]
@@ -528,12 +584,12 @@ def test_status_subresource_and_conditions(kind: str) -> None:
     assert fields["observedGeneration"]["type"] == "integer"
 
 
-@pytest.mark.parametrize("kind", KIND_NAMES)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_schema_is_structural(kind: str) -> None:
     assert _structural_problems(_schema(kind)) == []
 
 
-@pytest.mark.parametrize("kind", KIND_NAMES)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_schema_mirrors_model(kind: str) -> None:
     assert _mirror_resource(kind, _schema(kind)) == []
 
@@ -669,12 +725,20 @@ def test_expected_samples_exist() -> None:
 
 @pytest.mark.parametrize(("name", "doc"), SAMPLE_DOCS, ids=[n for n, _ in SAMPLE_DOCS])
 def test_sample_document_is_known(name: str, doc: Schema) -> None:
-    """Samples hold policy kinds and Namespaces; a Namespace's default policy must be valid."""
+    """Samples hold policy kinds, TrustDomains, Namespaces and Deployments; a Namespace's
+    default policy must be valid."""
+    if _is_identity(doc):
+        assert doc["apiVersion"] == trustdomain.API_VERSION
+        assert doc["kind"] == trustdomain.KIND
+        assert "namespace" not in doc["metadata"], "a TrustDomain is cluster-scoped"
+        return
     if _is_policy(doc):
         assert doc["apiVersion"] == resources.API_VERSION
         assert doc["kind"] in resources.KINDS
         assert doc["metadata"].get("namespace"), "policy kinds are namespaced"
         return
+    if (doc.get("apiVersion"), doc.get("kind")) == ("apps/v1", "Deployment"):
+        return  # a workload for the injector (injected-namespace.yaml)
     assert (doc.get("apiVersion"), doc.get("kind")) == ("v1", "Namespace")
     policy = doc["metadata"].get("annotations", {}).get(workload.DEFAULT_POLICY_ANNOTATION)
     assert policy is None or policy in {p.value for p in resources.DefaultPolicy}
@@ -683,6 +747,13 @@ def test_sample_document_is_known(name: str, doc: Schema) -> None:
 @pytest.mark.parametrize(("name", "doc"), POLICY_SAMPLES, ids=[n for n, _ in POLICY_SAMPLES])
 def test_sample_passes_model_and_schema(name: str, doc: Schema) -> None:
     parsed = resources.parse(doc)
+    assert parsed.metadata.name == doc["metadata"]["name"]
+    assert _validate(doc, _schema(doc["kind"]), doc["kind"]) == []
+
+
+@pytest.mark.parametrize(("name", "doc"), IDENTITY_SAMPLES, ids=[n for n, _ in IDENTITY_SAMPLES])
+def test_identity_sample_passes_model_and_schema(name: str, doc: Schema) -> None:
+    parsed = trustdomain.parse(doc)
     assert parsed.metadata.name == doc["metadata"]["name"]
     assert _validate(doc, _schema(doc["kind"]), doc["kind"]) == []
 

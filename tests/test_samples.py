@@ -7,15 +7,18 @@ name because the operator's mesh-wide setting points at it.
 
 from __future__ import annotations
 
+import base64
 import pathlib
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client
 
 from meshward import inject
+from meshward.identity import commands, pki, trustdomain
 from meshward.policy import compiled, decision
 from tests import kubetest
 
@@ -236,6 +239,35 @@ def test_injected_namespace(
     assert [c.name for c in pod.spec.init_containers] == ["meshward-init"]
     assert pod.spec.containers[0].image == injector.image
     assert pod.metadata.annotations[inject.VERSION_ANNOTATION] == injector.version
+
+
+def test_trust_domain(
+    apply_sample: ApplySample,
+    core: client.CoreV1Api,
+    custom: client.CustomObjectsApi,
+    operator: kubetest.Operator,
+) -> None:
+    """The operator creates the anchor and issuer and publishes the bundle; status says when
+    each expires."""
+    apply_sample("trustdomain.yaml", ())
+
+    def ready() -> dict[str, Any] | None:
+        obj: dict[str, Any] = custom.get_cluster_custom_object(
+            trustdomain.GROUP, trustdomain.VERSION, trustdomain.PLURAL, "cluster-local"
+        )
+        return obj["status"] if (obj.get("status") or {}).get("phase") == "Ready" else None
+
+    status = kubetest.wait_for(f"TrustDomain cluster-local Ready\n{operator.log_tail()}", ready)
+    root = operator.root_namespace
+    issuer = core.read_namespaced_secret(commands.ISSUER_SECRET, root).data
+    roots = core.read_namespaced_config_map(commands.TRUST_ROOTS, root).data
+    anchors = pki.load_certificates(roots["ca-bundle.crt"].encode())
+    loaded = pki.Issuer.from_pem(
+        base64.b64decode(issuer["tls.crt"]), base64.b64decode(issuer["tls.key"])
+    )
+    loaded.check(anchors)
+    assert status["issuer"]["serial"] == f"{loaded.certificate.serial_number:x}"
+    assert status["anchor"]["serial"] in {f"{a.serial_number:x}" for a in anchors}
 
 
 def test_every_sample_is_applied_by_a_test() -> None:

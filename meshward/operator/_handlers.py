@@ -33,7 +33,8 @@ import kopf
 from kubernetes_asyncio import client
 
 from meshward import errors, inject, kube
-from meshward.operator import _certs, _reconcile, _settings
+from meshward.identity import trustdomain
+from meshward.operator import _certs, _reconcile, _settings, _trust
 from meshward.policy import compiled, resources
 
 logger = logging.getLogger(__name__)
@@ -286,3 +287,33 @@ async def _namespace_annotations(
 
 
 _injector()
+
+
+# -- trust domain: anchor, issuer and bundle (see meshward.operator._trust) -----------------
+
+
+@kopf.on.startup(id="start-trust-keeper")
+async def start_trust_keeper(memo: kopf.Memo, **_: Any) -> None:
+    """Start the keeper of the TrustDomain's material; its first round runs at once."""
+    memo.trust = _trust.TrustKeeper(await kube.connect(), _settings.from_env())
+    memo.trust.start()
+
+
+@kopf.on.cleanup(id="stop-trust-keeper")
+async def stop_trust_keeper(memo: kopf.Memo, **_: Any) -> None:
+    if "trust" in memo:
+        await memo.trust.close()
+
+
+@kopf.on.event(
+    trustdomain.GROUP, trustdomain.VERSION, trustdomain.PLURAL, id="trust-on-trustdomains"
+)
+async def trust_domains(memo: kopf.Memo, **_: Any) -> None:
+    """A TrustDomain was created, changed or deleted (or seen on resume): plan again."""
+    memo.trust.poke()
+
+
+@kopf.on.event("", "v1", "namespaces", id="trust-roots-on-namespaces")
+async def trust_roots_for_namespace(name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A namespace annotated for injection (now or later) gets the trust bundle."""
+    memo.trust.namespace_changed(name, dict(body.get("metadata", {}).get("annotations") or {}))
