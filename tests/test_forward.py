@@ -16,10 +16,10 @@ async def relay_to(upstream_port: int) -> tuple[asyncio.Server, list[forward.Tra
     results: list[forward.Transferred] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up = await asyncio.open_connection("127.0.0.1", upstream_port)
+        up = await forward.open_connection("127.0.0.1", upstream_port)
         results.append(await forward.splice((reader, writer), up))
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await forward.start_server(handle, "127.0.0.1", 0)
     return server, results
 
 
@@ -71,7 +71,7 @@ async def test_large_transfer_is_intact_and_backpressure_bounds_buffering() -> N
     app = await asyncio.start_server(slow_sink, "127.0.0.1", 0)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port(app))
+        up_reader, up_writer = await forward.open_connection("127.0.0.1", port(app))
 
         async def watch() -> None:
             while not up_writer.is_closing():
@@ -84,7 +84,7 @@ async def test_large_transfer_is_intact_and_backpressure_bounds_buffering() -> N
         finally:
             watcher.cancel()
 
-    relay = await asyncio.start_server(handle, "127.0.0.1", 0)
+    relay = await forward.start_server(handle, "127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
         writer.write(payload)
@@ -143,10 +143,10 @@ async def _tls_relay(
     ctx = tls.client_context(tmp / "relay", client_cert, mesh.anchors)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up = await asyncio.open_connection("127.0.0.1", port(app), ssl=ctx)
+        up = await forward.open_connection("127.0.0.1", port(app), ssl_context=ctx)
         await forward.splice((reader, writer), up, half_close_grace=grace)
 
-    return app, await asyncio.start_server(handle, "127.0.0.1", 0)
+    return app, await forward.start_server(handle, "127.0.0.1", 0)
 
 
 async def test_tls_leg_still_delivers_a_reply_after_the_client_half_closes(
@@ -205,12 +205,12 @@ async def test_a_connection_cut_short_still_counts_what_it_carried() -> None:
     legs: list[asyncio.StreamWriter] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up = await asyncio.open_connection("127.0.0.1", port(app))
+        up = await forward.open_connection("127.0.0.1", port(app))
         legs.extend((writer, up[1]))
         spliced.set()
         await forward.splice((reader, writer), up, tally=tally)
 
-    relay = await asyncio.start_server(handle, "127.0.0.1", 0)
+    relay = await forward.start_server(handle, "127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
         writer.write(b"hello")
@@ -222,6 +222,119 @@ async def test_a_connection_cut_short_still_counts_what_it_carried() -> None:
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
         assert (tally.a_to_b, tally.b_to_a) == (5, 6)
+    finally:
+        relay.close()
+        app.close()
+
+
+async def test_bytes_and_eof_that_arrived_before_the_splice_are_passed_on() -> None:
+    """The client sends its request and finishes sending while the relay is still deciding:
+    what its stream buffered, and the EOF, reach the upstream once the splice takes over."""
+    arrived = asyncio.Event()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read()  # until the EOF the client sent before the splice
+        writer.write(b"got " + request)
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    results: list[forward.Transferred] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await arrived.wait()
+        await asyncio.sleep(0.2)  # the bytes and the FIN are in the stream by now
+        up = await forward.open_connection("127.0.0.1", port(app))
+        results.append(await forward.splice((reader, writer), up))
+
+    relay = await forward.start_server(handle, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(b"early bytes")
+        writer.write_eof()
+        await writer.drain()
+        arrived.set()
+        assert await asyncio.wait_for(reader.read(), 5) == b"got early bytes"
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert results and (results[0].a_to_b, results[0].b_to_a) == (11, 15)
+    finally:
+        relay.close()
+        app.close()
+
+
+async def test_a_slow_client_bounds_what_is_buffered_towards_it() -> None:
+    """Backpressure the other way: the upstream sends fast, the client reads slowly."""
+    payload = os.urandom(16 * 1024 * 1024)
+    buffered: list[int] = []
+
+    async def fast_source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(fast_source, "127.0.0.1", 0)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up = await forward.open_connection("127.0.0.1", port(app))
+
+        async def watch() -> None:
+            while not writer.is_closing():
+                buffered.append(writer.transport.get_write_buffer_size())
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await forward.splice((reader, writer), up)
+        finally:
+            watcher.cancel()
+
+    relay = await forward.start_server(handle, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        received = hashlib.sha256()
+        total = 0
+        while chunk := await asyncio.wait_for(reader.read(16 * 1024), 30):
+            received.update(chunk)
+            total += len(chunk)
+            if total < 4 * 1024 * 1024:
+                await asyncio.sleep(0.001)
+        assert total == len(payload)
+        assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
+        assert buffered and max(buffered) <= 64 * 1024 + forward.CHUNK
+        writer.close()
+    finally:
+        relay.close()
+        app.close()
+
+
+async def test_plain_asyncio_streams_are_spliced_under_the_same_contract() -> None:
+    """Streams that did not come from forward.StreamProtocol take the coroutine path: the
+    half-close still reaches the upstream, the reply comes back, and the bytes are counted."""
+    results: list[forward.Transferred] = []
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read()
+        writer.write(b"got " + request)
+        await writer.drain()
+        writer.close()
+
+    app = await asyncio.start_server(upstream, "127.0.0.1", 0)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up = await asyncio.open_connection("127.0.0.1", port(app))
+        results.append(await forward.splice((reader, writer), up))
+
+    relay = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port(relay))
+        writer.write(b"hello")
+        await writer.drain()
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"got hello"
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert results and (results[0].a_to_b, results[0].b_to_a) == (5, 9)
     finally:
         relay.close()
         app.close()

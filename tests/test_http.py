@@ -177,6 +177,33 @@ def test_upgrade_holds_back_what_follows() -> None:
     assert connect[0].path == "db:5432"
 
 
+def test_the_parser_tells_a_head_in_progress_from_a_connection_between_requests() -> None:
+    """What the proxy's deadlines key on: a head timer from a head's first byte, an idle timer
+    only between requests (a body in progress is neither)."""
+    requests = proxy_http.Requests()
+    states = []
+    for piece in (
+        b"\r\n",  # stray line ends between requests begin nothing
+        b"P",
+        b"OST /a HTTP/1.1\r\nContent-Length: 4\r\n",
+        b"\r\nbo",
+        b"dy",
+        b"GET /b HTTP/1.1\r\n\r\n",
+    ):
+        requests.feed(piece)
+        states.append((requests.in_head, requests.idle))
+    assert states == [
+        (False, True),
+        (True, False),
+        (True, False),
+        (False, False),
+        (False, True),
+        (False, True),
+    ]
+    requests.feed(b"GET /c HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n")  # malformed
+    assert (requests.in_head, requests.idle) == (False, False)
+
+
 @pytest.mark.parametrize(
     ("target", "path"),
     [
@@ -282,6 +309,14 @@ def test_the_reason_can_not_inject_headers() -> None:
     assert status == 403 and "set-cookie" not in headers
     assert body == b"unauthorized request on route\n"
     assert headers[proxy_http.ERROR_HEADER].startswith("x??Set-Cookie")
+
+
+def test_408_says_what_is_wrong_and_what_to_do() -> None:
+    status, headers, body = parse_answer(proxy_http.request_timeout(10.0))
+    assert status == 408 and headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    assert b"not complete within 10 s of its first byte" in body
+    assert b"without pausing" in body
 
 
 def test_400_says_what_is_wrong() -> None:

@@ -1,6 +1,7 @@
 """Per-request authorization end to end: real HTTP/1 (http.client) and gRPC (grpcio) clients,
 real mesh TLS, a real application, all on loopback, through the inbound proxy. Also live
-connections closed by a policy update, the connection limit, and the metrics a user scrapes."""
+connections closed by a policy update, the connection limits and deadlines, and the metrics a
+user scrapes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from meshward.policy import compile as policy_compile
 from meshward.policy import compiled as policy_compiled
@@ -26,7 +26,7 @@ from meshward.policy.resources import DefaultPolicy
 from meshward.proxy import http as proxy_http
 from meshward.proxy import inbound, metrics, tls
 from tests import builders
-from tests.test_inbound import ALLOW_VOTE_BOT, STRICT, Handler, echo
+from tests.test_inbound import ALLOW_VOTE_BOT, STRICT, Handler, echo, sample
 from tests.test_proxy_tls import Mesh
 
 VOTE_BOT = builders.ident("vote-bot")
@@ -61,12 +61,18 @@ def with_route(policy: decision.Policy, method: str, path: str) -> decision.Poli
 
 class App:
     """A small HTTP/1.1 application: answers ``<METHOD> <target> <body>`` on a keep-alive
-    connection and records every request it was sent (the proxy must not send it refused ones)."""
+    connection and records every request it was sent (the proxy must not send it refused ones).
 
-    def __init__(self) -> None:
+    ``/slow`` is answered only once :attr:`release` is set; after :attr:`keep_alive` answers on
+    a connection (if set) the application closes it, as servers close idle connections."""
+
+    def __init__(self, keep_alive: int | None = None) -> None:
         self.seen: list[str] = []
+        self.release = asyncio.Event()
+        self.keep_alive = keep_alive
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered = 0
         try:
             while True:
                 head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
@@ -85,6 +91,8 @@ class App:
                     while await reader.readuntil(b"\r\n") != b"\r\n":
                         pass  # trailers
                 self.seen.append(f"{method} {target}")
+                if target == "/slow":
+                    await self.release.wait()
                 reply = f"{method} {target} ".encode() + body
                 if method == "HEAD":  # the length of what a GET would get, and no body
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
@@ -93,6 +101,9 @@ class App:
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(reply), reply)
                 )
                 await writer.drain()
+                answered += 1
+                if answered == self.keep_alive:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -108,6 +119,7 @@ async def proxy(
     *,
     proxy_metrics: metrics.Metrics | None = None,
     max_connections: int = 10_000,
+    max_pending_per_source: int = inbound.MAX_PENDING_PER_SOURCE,
 ) -> AsyncIterator[tuple[int, inbound.Inbound]]:
     """``application`` behind an inbound proxy for pod web-0 (app=web), deciding as port 8080;
     yields the proxy's port and the proxy."""
@@ -126,6 +138,7 @@ async def proxy(
         labels={"app": "web"},
         metrics=proxy_metrics,
         max_connections=max_connections,
+        max_pending_per_source=max_pending_per_source,
     )
     server = await side.serve("127.0.0.1", 0, app_port, policy_port=8080)
     try:
@@ -153,14 +166,20 @@ Answer = tuple[int, dict[str, str], bytes]
 
 
 def requests(
-    port: int, ctx: ssl.SSLContext | None, *calls: tuple[str, str] | tuple[str, str, bytes]
+    port: int,
+    ctx: ssl.SSLContext | None,
+    *calls: tuple[str, str] | tuple[str, str, bytes],
+    source: str = "127.0.0.1",
 ) -> list[Answer | str]:
-    """Make ``calls`` (method, path[, body]) in order on one keep-alive connection, as a user's
-    client would; an answer, or the error's name once the connection is gone."""
+    """Make ``calls`` (method, path[, body]) in order on one keep-alive connection from
+    ``source``, as a user's client would; an answer, or the error's name once the connection is
+    gone."""
     conn: http.client.HTTPConnection = (
-        http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        http.client.HTTPSConnection(
+            "127.0.0.1", port, context=ctx, timeout=10, source_address=(source, 0)
+        )
         if ctx is not None
-        else http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
     )
     answers: list[Answer | str] = []
     try:
@@ -179,16 +198,6 @@ def requests(
     finally:
         conn.close()
     return answers
-
-
-def sample(m: metrics.Metrics, name: str, **labels: str) -> float:
-    """The value a scrape shows for ``name`` (summed over series matching ``labels``)."""
-    total = 0.0
-    for family in text_string_to_metric_families(m.exposition().decode()):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 async def settle(side: inbound.Inbound, opened: int) -> None:
@@ -228,14 +237,18 @@ async def test_a_denied_port_answers_403_with_the_reason_only_for_meshed_clients
     assert allowed == [(200, {"Content-Length": "12"}, b"GET /ballot ")]
     assert app.seen == ["GET /ballot"]  # the refused requests never reached it
 
+    # One decision per connection on this port: allowed and denied both count as tcp, once.
     m = side.metrics
-    deny = "inbound_http_authz_deny_total"
+    deny = "inbound_tcp_authz_deny_total"
     assert sample(m, deny, srv_name="web-http", client_id="", tls="false") == 1
     assert sample(m, deny, srv_name="web-http", client_id=INTRUDER, tls="true") == 1
     assert sample(m, deny, authz_kind="default", authz_name="deny", srv_port="8080") == 2
+    assert sample(m, deny) == 2
     allow = "inbound_tcp_authz_allow_total"
     assert sample(m, allow, client_id=VOTE_BOT, authz_name="web-from-vote-bot") == 1
-    assert sample(m, "inbound_tcp_authz_deny_total") == 0  # refused at the HTTP level
+    assert sample(m, allow) == 1
+    assert sample(m, "inbound_http_authz_deny_total") == 0
+    assert sample(m, "inbound_http_authz_allow_total") == 0
     assert sample(m, "tcp_open_total", direction="inbound") == 3
     assert sample(m, "tcp_open_connections", direction="inbound") == 0
     assert sample(m, "tcp_write_bytes_total", direction="inbound") > 2 * len(
@@ -267,9 +280,13 @@ async def test_a_probe_path_is_allowed_under_deny_and_other_paths_get_403(
     assert answers[2][0] == 403 and answers[3] == "closed"  # type: ignore[index]
     assert app.seen == ["GET /healthz", "GET /healthz?full=1"]
     assert side.counters.per_request == 1
-    m = side.metrics
+    m = side.metrics  # decided request by request: each request counts as http, once
     assert sample(m, "inbound_http_authz_allow_total", authz_kind="probe") == 2
+    assert sample(m, "inbound_http_authz_allow_total") == 2
     assert sample(m, "inbound_http_authz_deny_total", authz_name="deny") == 1
+    assert sample(m, "inbound_http_authz_deny_total") == 1
+    assert sample(m, "inbound_tcp_authz_allow_total") == 0
+    assert sample(m, "inbound_tcp_authz_deny_total") == 0
 
 
 async def test_pipelined_requests_stop_at_the_first_denied_one(tmp_path: pathlib.Path) -> None:
@@ -463,9 +480,13 @@ async def test_grpc_clients_get_permission_denied_or_a_real_answer(
     assert code == "PERMISSION_DENIED" and INTRUDER in reason, intruder
     assert plaintext == "PERMISSION_DENIED -"  # no reason for an unmeshed client
     m = side.metrics
-    assert sample(m, "inbound_http_authz_deny_total", client_id=INTRUDER) >= 1
-    assert sample(m, "inbound_http_authz_deny_total", client_id="", tls="false") >= 1
+    deny = "inbound_tcp_authz_deny_total"
+    assert sample(m, deny, client_id=INTRUDER, tls="true") == 1
+    assert sample(m, deny, client_id="", tls="false") == 1
+    assert sample(m, deny) == 2
     assert sample(m, "inbound_tcp_authz_allow_total", client_id=VOTE_BOT) == 1
+    assert sample(m, "inbound_tcp_authz_allow_total") == 1
+    assert sample(m, "inbound_http_authz_deny_total") == 0  # the gRPC status 7 tells the denial
 
 
 async def test_grpc_on_a_declared_port_where_routes_matter_fails_closed(
@@ -521,9 +542,10 @@ async def test_revalidate_closes_only_the_connections_the_new_policy_refuses(
 
         assert await ping(*plain) == b""  # closed by the proxy
         assert await ping(*meshed) == b"ping\n"  # untouched
-        assert await ping(*await asyncio.open_connection("127.0.0.1", port)) == b""  # new: denied
+        fresh = await asyncio.open_connection("127.0.0.1", port)
+        assert await ping(*fresh) == b""  # new: denied
         assert side.revalidate(current[0]) == 0  # counted once
-        for _, w in (plain, meshed):
+        for _, w in (plain, meshed, fresh):
             w.close()
     m = side.metrics
     terminate = "inbound_tcp_authz_terminate_total"
@@ -602,3 +624,230 @@ async def test_a_denied_tcp_connection_is_closed_without_a_byte_and_counted(
     assert data == b"" and received == []
     assert sample(side.metrics, "inbound_tcp_authz_deny_total", client_id="", tls="false") == 1
     assert sample(side.metrics, "inbound_http_authz_deny_total") == 0
+
+
+# -- deadlines and per-source limits -----------------------------------------------------------
+
+
+async def connect(
+    port: int, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response with a Content-Length: (status line, body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head.split(b"\r\n")[0], await asyncio.wait_for(reader.readexactly(length), 5)
+
+
+UNFINISHED = b"GET /healthz HTTP/1.1\r\nHost: w"
+
+
+async def test_unfinished_request_heads_are_cut_off_and_the_probe_gets_in(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three plaintext clients hold every slot with unfinished heads under STRICT (one keeps
+    trickling bytes): each gets 408 once its head is HEAD_TIMEOUT old, and a probe gets in."""
+    monkeypatch.setattr(inbound, "HEAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(inbound, "LINGER", 0.2)
+    mesh, app = Mesh(), App()
+    policy = compiled(probes=((8080, "/healthz"),), mesh=STRICT)
+    async with proxy(tmp_path, mesh, lambda: policy, app, max_connections=3) as (port, side):
+        loop = asyncio.get_running_loop()
+        slow = [await connect(port, f"127.0.0.{i}") for i in (2, 3, 4)]
+        started = loop.time()
+        for _, writer in slow:
+            writer.write(UNFINISHED)
+            await writer.drain()
+
+        async def trickle(writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(20):
+                    await asyncio.sleep(0.05)
+                    writer.write(b"x")
+                    await writer.drain()
+
+        trickling = asyncio.ensure_future(trickle(slow[2][1]))
+        cut = [await asyncio.wait_for(reader.read(), 5) for reader, _ in slow]
+        elapsed = loop.time() - started
+        await asyncio.gather(trickling, return_exceptions=True)
+        probe = await asyncio.to_thread(requests, port, None, ("GET", "/healthz"))
+        for _, writer in slow:
+            writer.close()
+    assert all(c.startswith(b"HTTP/1.1 408 Request Timeout") for c in cut), cut
+    assert b"send each request's line and headers without pausing" in cut[0]
+    assert 0.5 <= elapsed < 2.5, elapsed
+    assert probe[0][0] == 200  # type: ignore[index]
+    assert app.seen == ["GET /healthz"]
+    assert side.counters.over_limit == 0
+
+
+async def test_one_source_can_not_hold_every_slot_before_it_is_allowed(
+    tmp_path: pathlib.Path,
+) -> None:
+    mesh, app = Mesh(), App()
+    policy = compiled(probes=((8080, "/healthz"),), mesh=STRICT)
+    limits = {"max_connections": 3, "max_pending_per_source": 2}
+    async with proxy(tmp_path, mesh, lambda: policy, app, **limits) as (port, side):
+        held = [await connect(port, "127.0.0.2") for _ in range(3)]
+        for _, writer in held:
+            writer.write(UNFINISHED)
+            await writer.drain()
+        assert await asyncio.wait_for(held[2][0].read(), 5) == b""  # closed at once
+        probe = await asyncio.to_thread(requests, port, None, ("GET", "/healthz"))
+        assert probe[0][0] == 200  # type: ignore[index]
+        for _, writer in held:
+            writer.close()
+        await settle(side, 3)
+
+        # Allowed connections no longer count against their source: three open from one.
+        kept = []
+        for _ in range(3):
+            reader, writer = await connect(port, "127.0.0.2")
+            kept.append(writer)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: w\r\n\r\n")
+            await writer.drain()
+            assert (await answer(reader))[0] == b"HTTP/1.1 200 OK"
+        for writer in kept:
+            writer.close()
+    assert side.counters.source_limited == 1 and side.counters.over_limit == 0
+    assert sample(side.metrics, "tcp_refused_source_limit_total", direction="inbound") == 1
+
+
+async def test_an_idle_keep_alive_connection_is_closed_but_a_slow_answer_is_awaited(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inbound, "IDLE_TIMEOUT", 0.3)
+    mesh, app = Mesh(), App()
+    policy = compiled(probes=((8080, "/slow"),))
+    async with proxy(tmp_path, mesh, lambda: policy, app) as (port, _):
+        loop = asyncio.get_running_loop()
+        reader, writer = await connect(port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: w\r\n\r\n")
+        await writer.drain()
+        loop.call_later(0.8, app.release.set)  # longer than IDLE_TIMEOUT: an answer is owed
+        assert await answer(reader) == (b"HTTP/1.1 200 OK", b"GET /slow ")
+        answered = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # then idle: closed
+        idle = loop.time() - answered
+        writer.close()
+    assert 0.3 <= idle < 2.0, idle
+
+
+async def test_a_refusal_waits_for_owed_answers_only_so_long(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allowed request the application never answers, then a denied one: the proxy can not
+    send its 403 (it would read as the first answer), so it closes after ANSWER_TIMEOUT."""
+    monkeypatch.setattr(inbound, "ANSWER_TIMEOUT", 0.3)
+    mesh, app = Mesh(), App()
+    policy = compiled(probes=((8080, "/slow"),))
+    async with proxy(tmp_path, mesh, lambda: policy, app) as (port, side):
+        reader, writer = await connect(port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: w\r\n\r\nGET /admin HTTP/1.1\r\n\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await settle(side, 1)
+        app.release.set()
+    assert app.seen == ["GET /slow"]
+    assert side.counters.requests_denied == 1
+
+
+# -- when the application ends -----------------------------------------------------------------
+
+
+async def test_when_the_application_closes_an_idle_connection_the_client_is_closed_too(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Else the client's next request would go into a dead connection and wait forever."""
+    mesh, app = Mesh(), App(keep_alive=1)
+    policy = compiled(probes=((8080, "/healthz"),))
+    async with proxy(tmp_path, mesh, lambda: policy, app) as (port, _):
+        reader, writer = await connect(port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: w\r\n\r\n")
+        await writer.drain()
+        assert await answer(reader) == (b"HTTP/1.1 200 OK", b"GET /healthz ")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        again = await asyncio.to_thread(
+            requests, port, None, ("GET", "/healthz"), ("GET", "/healthz")
+        )
+    # http.client does not look for the close before its second request, which fails at once
+    # (it would time out if the proxy held the client's side open).
+    assert again[0][0] == 200, again  # type: ignore[index]
+    assert again[1] in ("RemoteDisconnected", "ConnectionResetError", "BrokenPipeError"), again
+
+
+async def close_delimited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An HTTP/1.0 server: a response without a length, ended by closing the connection."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"y" * 100_000)
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_response_ended_by_the_close_reaches_its_end_plain_and_over_mesh_tls(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The client is closed gracefully: a TLS client gets the whole body and a clean end."""
+    mesh = Mesh()
+    policy = compiled(probes=((8080, "/healthz"),), default=DefaultPolicy.ALL_AUTHENTICATED)
+    async with proxy(tmp_path, mesh, lambda: policy, close_delimited) as (port, side):
+        plain = await asyncio.to_thread(requests, port, None, ("GET", "/healthz"))
+        meshed = await asyncio.to_thread(
+            requests, port, client_ctx(tmp_path, mesh, "vote-bot"), ("GET", "/doc")
+        )
+    expected = (200, {"Content-Type": "text/plain"}, b"y" * 100_000)
+    assert plain == [expected] and meshed == [expected]
+    assert side.counters.per_request == 2
+
+
+# -- tunnels -----------------------------------------------------------------------------------
+
+
+async def tunnels(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Accepts a WebSocket upgrade or a CONNECT, then echoes."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if head.startswith(b"CONNECT "):
+        writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    else:
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
+    await echo(reader, writer)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers"),
+    [
+        ("GET", "/ws", b"Upgrade: websocket\r\nConnection: Upgrade\r\n"),
+        ("CONNECT", "db.app:5432", b""),
+    ],
+)
+async def test_a_policy_update_closes_a_tunnel_it_no_longer_allows(
+    tmp_path: pathlib.Path, method: str, target: str, headers: bytes
+) -> None:
+    mesh = Mesh()
+    current = [with_route(compiled(*ALLOW_VOTE_BOT), method, target)]
+    async with proxy(tmp_path, mesh, lambda: current[0], tunnels) as (port, side):
+        reader, writer = await connect(port)
+        writer.write(f"{method} {target} HTTP/1.1\r\nHost: web\r\n".encode() + headers + b"\r\n")
+        await writer.drain()
+        status = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).split(b" ")[1]
+        assert status in (b"101", b"200")
+        assert await ping(reader, writer) == b"ping\n"
+
+        assert side.revalidate(current[0]) == 0  # still allowed: untouched
+        assert await ping(reader, writer) == b"ping\n"
+        current[0] = with_route(compiled(*ALLOW_VOTE_BOT), method, "/other")
+        assert side.revalidate(current[0]) == 1
+        assert await ping(reader, writer) == b""
+        assert side.revalidate(current[0]) == 0  # counted once
+        writer.close()
+    m = side.metrics
+    terminate = "inbound_tcp_authz_terminate_total"
+    assert sample(m, terminate, srv_name="web-http", authz_name="deny", client_id="") == 1
+    assert sample(m, terminate) == 1 and side.counters.terminated == 1

@@ -7,7 +7,9 @@ the parts, in the order data meets them:
     renewal     when to renew a certificate, and when to retry after a failure (pure)
     identity    the key (key.p8, 0600) and a certificate for it, checked and kept fresh
     tls         TLS 1.3 contexts from that certificate, and the verified peer's SPIFFE ID
-    forward     bytes both ways between two connections: backpressure, half-close, cleanup
+    forward     bytes both ways between two connections: backpressure, half-close, cleanup;
+                an allowed connection's transports are handed to protocols that copy in the
+                event loop's callbacks (no coroutine step per chunk)
     detect      TLS, HTTP/1, HTTP/2 or opaque, from the first bytes (pure)
     http        HTTP/1 requests and responses framed for per-request decisions; 403/400 (pure)
     grpc_deny   a refused HTTP/2 connection answered: gRPC status 7 or 403, GOAWAY (pure)
@@ -24,7 +26,8 @@ the parts, in the order data meets them:
     proxy_init  ``meshward proxy-init``: those rules installed, idempotently
     original_dst  where a redirected connection was going (SO_ORIGINAL_DST)
     transparent accept loops for redirected connections, both directions
-    run         settings in, every part started and wired, everything stopped
+    run         settings in, every part started and wired, everything stopped; the
+                process runs on uvloop (compiled transports and TLS)
 
 Two modes: local (explicit LISTEN=APP port maps on loopback, for runs without pods) and
 transparent (no local entries: the pod's traffic arrives through the interception rules).

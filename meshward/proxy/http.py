@@ -16,10 +16,10 @@ middle of one. The response bytes themselves are forwarded untouched.
 An ``Upgrade`` or ``CONNECT`` request may take the connection out of HTTP/1: what follows it is
 held back until the application answers (101, or 2xx to CONNECT: a tunnel from then on).
 
-The answers: :func:`forbidden` (403 "unauthorized request on route"), :func:`bad_request` (400)
-and :func:`bad_gateway` (502), each closing the connection. The ``meshward-proxy-error`` header
-naming the reason goes only to meshed clients (those that proved an identity): others learn only
-that they were refused, not how the policy is built.
+The answers: :func:`forbidden` (403 "unauthorized request on route"), :func:`bad_request` (400),
+:func:`request_timeout` (408) and :func:`bad_gateway` (502), each closing the connection. The
+``meshward-proxy-error`` header naming the reason goes only to meshed clients (those that proved
+an identity): others learn only that they were refused, not how the policy is built.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ class Requests:
         self._chunked = False
         self._trailers: list[tuple[bytes, bytes]] = []
         self._head_done = False
+        self._in_request = False
         self._failed = False
         self._tunnel = False
 
@@ -124,6 +125,7 @@ class Requests:
         self._trailers = []
         self._head_size = 0
         self._in_head = True
+        self._in_request = True
         self._head_done = False
 
     def on_url(self, url: bytes) -> None:
@@ -154,12 +156,23 @@ class Requests:
         self._events.append(Body(body))
 
     def on_message_complete(self) -> None:
+        self._in_request = False
         if self._chunked:
             trailers = b"".join(n + b": " + v + b"\r\n" for n, v in self._trailers)
             self._events.append(Body(b"0\r\n" + trailers + b"\r\n"))
             self._chunked = False
 
     # the interface
+
+    @property
+    def in_head(self) -> bool:
+        """A request head has begun and is not complete yet (a deadline runs on it)."""
+        return self._in_head and not self._failed
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: the last one is complete (body included) and no next one began."""
+        return not self._in_request and not self._tunnel and not self._failed
 
     def feed(self, data: bytes) -> list[Event]:
         if self._failed or not data:
@@ -332,6 +345,15 @@ def bad_request(what: str) -> bytes:
     """The 400 for bytes that are not a valid HTTP/1 request: says what is wrong."""
     body = f"malformed HTTP/1 request: {header_value(what)}; send a valid HTTP/1.1 request\n"
     return _response("400 Bad Request", body.encode("latin-1"), None)
+
+
+def request_timeout(seconds: float) -> bytes:
+    """The 408 for a request head that did not arrive in time."""
+    body = (
+        f"request head not complete within {seconds:g} s of its first byte; "
+        "send each request's line and headers without pausing\n"
+    )
+    return _response("408 Request Timeout", body.encode("latin-1"), None)
 
 
 def bad_gateway() -> bytes:

@@ -27,10 +27,22 @@ yet means deny.
 
 Live connections: :meth:`Inbound.revalidate` re-decides every allowed connection against a new
 policy and closes those it no longer allows (both legs, counted as terminated); the others are
-not touched. New connections take the new policy as soon as the ``policy`` callable returns it.
+not touched. An upgraded tunnel (WebSocket, CONNECT) is re-decided with the request that opened
+it, since it has no next request to meet the new policy. New connections take the new policy as
+soon as the ``policy`` callable returns it.
 
-Bounded: at most ``max_connections`` at once (beyond, a connection is closed at once), and every
-wait on a client (detection, handshake, a refused client's request) has a deadline.
+Bounded, so that clients not (yet) allowed can not hold the workload's connection slots:
+
+- at most ``max_connections`` at once (beyond, a connection is closed at once);
+- at most ``max_pending_per_source`` from one source address that are not allowed yet: being
+  detected, in their handshake, reading their first request head, or being refused (beyond,
+  closed at once). A connection stops counting once policy allowed it or its first request;
+  from then on it holds its slot as long as its traffic lasts, as policy allowed;
+- every wait on a client has a deadline: detection and handshake (10 s each), each request head
+  (:data:`HEAD_TIMEOUT` from its first byte, then 408), a keep-alive connection idle between
+  requests (:data:`IDLE_TIMEOUT`), a refused client's request and the sending of its answer
+  (:data:`REFUSAL_TIMEOUT`), and the application's answers owed before a refusal
+  (:data:`ANSWER_TIMEOUT`).
 
 How connections arrive is the caller's business (``serve`` binds a port in local mode); the
 handler takes an accepted socket and the destination port that policy should see.
@@ -45,6 +57,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from meshward import errors
 from meshward.policy import compile as policy_compile
@@ -64,7 +77,22 @@ kernel does not reset the connection (and discard the answer) over them."""
 LINGER_BYTES = 1 << 20
 OVER_LIMIT_LOG_INTERVAL = 1.0
 ANSWER_TIMEOUT = 30.0
-"""After the client finished sending, how long the application has to answer what it was sent."""
+"""After the client finished sending, or before a refusal is sent, how long the application has
+to answer the requests it was sent."""
+HEAD_TIMEOUT = 10.0
+"""How long a request head (request line and headers) may take from its first byte; the first
+request's from the start of per-request handling. A head trickled byte by byte can not hold a
+connection slot longer."""
+IDLE_TIMEOUT = 60.0
+"""How long a per-request connection may stay idle (no request in progress, no answer owed)
+before the proxy closes it: within the range common HTTP servers use for keep-alive (5 to 75 s),
+long enough that a client's pooled connection is reused, short enough that idle ones give their
+slot back."""
+CLOSE_TIMEOUT = 5.0
+"""How long a client being closed has to take what it was sent, before the connection is cut."""
+MAX_PENDING_PER_SOURCE = 256
+"""Default for connections from one source address not allowed yet: far more than one client
+opens at once, yet filling ``max_connections`` with undecided connections needs many sources."""
 
 
 @dataclasses.dataclass
@@ -86,6 +114,8 @@ class Counters:
     """Live connections closed by :meth:`Inbound.revalidate`."""
     over_limit: int = 0
     """Connections closed at once because ``max_connections`` were open."""
+    source_limited: int = 0
+    """Connections closed at once because their source had ``max_pending_per_source`` open."""
 
 
 ServerContext = Callable[[bool], ssl.SSLContext | None]
@@ -98,13 +128,27 @@ _Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 class _Conn:
     """One accepted connection: what revalidation needs, and the bytes metrics count."""
 
-    __slots__ = ("client", "client_id", "dest", "per_request", "tally", "terminated", "transports")
+    __slots__ = (
+        "client",
+        "client_id",
+        "dest",
+        "pending",
+        "per_request",
+        "tally",
+        "terminated",
+        "transports",
+        "tunnel",
+    )
 
-    def __init__(self, dest: decision.Destination) -> None:
+    def __init__(self, dest: decision.Destination, pending: str) -> None:
         self.dest = dest
         self.client = decision.Client()
         self.client_id: str | None = None
+        self.pending: str | None = pending
+        """The source address this connection counts against until it is allowed."""
         self.per_request = False
+        self.tunnel: decision.Request | None = None
+        """The request that opened an upgraded tunnel, to re-decide it on a policy update."""
         self.tally = forward.Transferred()
         """``a_to_b``: bytes read from the client; ``b_to_a``: bytes written to it."""
         self.transports: list[asyncio.WriteTransport] = []
@@ -150,6 +194,7 @@ class Inbound:
         app_host: str = "127.0.0.1",
         metrics: proxy_metrics.Metrics | None = None,
         max_connections: int = 10_000,
+        max_pending_per_source: int = MAX_PENDING_PER_SOURCE,
     ) -> None:
         self._policy = policy
         self._server_context = server_context
@@ -161,8 +206,11 @@ class Inbound:
         self._open = 0
         self._live: set[_Conn] = set()
         """Allowed connections, for :meth:`revalidate`."""
-        self._over_limit_logged = float("-inf")
-        self._over_limit_unlogged = 0
+        self._max_pending_per_source = max_pending_per_source
+        self._pending: dict[str, int] = {}
+        """Per source address, its connections not allowed yet."""
+        self._over_limit_log = _Throttle()
+        self._source_limit_log = _Throttle()
         self.counters = Counters()
 
     # -- accepting ----------------------------------------------------------------------------
@@ -174,11 +222,18 @@ class Inbound:
                 sock.close()
             self._over_limit()
             return
+        peer = _peer_ip(sock)
+        if self._pending.get(peer, 0) >= self._max_pending_per_source:
+            with contextlib.suppress(OSError):
+                sock.close()
+            self._source_limited(peer)
+            return
         self._open += 1
+        self._pending[peer] = self._pending.get(peer, 0) + 1
         self.counters.accepted += 1
         self.metrics.opened("inbound")
-        conn = _Conn(decision.Destination(port=port, labels=self._labels, pod=self._pod))
-        peer = _peer_ip(sock)
+        dest = decision.Destination(port=port, labels=self._labels, pod=self._pod)
+        conn = _Conn(dest, pending=peer)
         try:
             await self._handle(sock, conn, peer, app_port)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
@@ -187,6 +242,7 @@ class Inbound:
             logger.exception("inbound connection from %s failed unexpectedly", peer)
         finally:
             self._live.discard(conn)
+            self._settle(conn)
             self._open -= 1
             with contextlib.suppress(OSError):
                 sock.close()
@@ -195,16 +251,37 @@ class Inbound:
     def _over_limit(self) -> None:
         self.counters.over_limit += 1
         self.metrics.over_limit("inbound")
-        self._over_limit_unlogged += 1
-        now = asyncio.get_running_loop().time()
-        if now - self._over_limit_logged >= OVER_LIMIT_LOG_INTERVAL:
+        unlogged = self._over_limit_log.due()
+        if unlogged:
             logger.warning(
                 "closed %d inbound connection(s) at once: %d are open, the most allowed",
-                self._over_limit_unlogged,
+                unlogged,
                 self._max_connections,
             )
-            self._over_limit_logged = now
-            self._over_limit_unlogged = 0
+
+    def _source_limited(self, source: str) -> None:
+        self.counters.source_limited += 1
+        self.metrics.source_limit("inbound")
+        unlogged = self._source_limit_log.due()
+        if unlogged:
+            logger.warning(
+                "closed %d inbound connection(s) at once, the last from %s: it has %d open "
+                "that are not allowed yet, the most allowed per source address",
+                unlogged,
+                source,
+                self._max_pending_per_source,
+            )
+
+    def _settle(self, conn: _Conn) -> None:
+        """``conn`` was allowed (or ended): it no longer counts against its source."""
+        source, conn.pending = conn.pending, None
+        if source is None:
+            return
+        left = self._pending.get(source, 0) - 1
+        if left > 0:
+            self._pending[source] = left
+        else:
+            self._pending.pop(source, None)
 
     async def _handle(self, sock: socket.socket, conn: _Conn, peer: str, app_port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -232,7 +309,7 @@ class Inbound:
             logger.info("refused TLS from %s on port %d: no certificate yet", peer, port)
             return
         reader = asyncio.StreamReader(limit=forward.CHUNK)
-        protocol_obj = asyncio.StreamReaderProtocol(reader)
+        protocol_obj = forward.StreamProtocol(reader)  # a stream forward.splice can take over
         try:
             transport, _ = await asyncio.wait_for(
                 loop.connect_accepted_socket(lambda: protocol_obj, sock, ssl=ctx),
@@ -268,10 +345,11 @@ class Inbound:
         port = conn.dest.port
         try:
             identity = tls.peer_identity(writer.get_extra_info("ssl_object")) if terminate else None
-        except errors.UntrustedChain:
+        except errors.UntrustedChain as exc:
             self.counters.denied += 1
-            self.metrics.handshake_failed("inbound")
-            logger.info("denied a certificate without a mesh identity from %s on %d", peer, port)
+            refused = _no_mesh_identity(self._policy(), conn.dest, peer, str(exc))
+            self.metrics.authorized("tcp", refused, port, None, True)
+            logger.info("denied a TLS client from %s on port %d: %s", peer, port, refused.reason)
             return
         conn.client = decision.Client(identity=identity, source_ip=peer, tls=terminate)
         conn.client_id = (policy_compile.spiffe_to_dns(identity) or identity) if identity else None
@@ -291,10 +369,13 @@ class Inbound:
             policy = self._policy()  # the sniff took time: decide on the policy of now
 
         verdict = policy.decide(conn.dest, conn.client) if policy is not None else None
+        # One count per connection-level decision, however a refusal is told (metrics' docstring).
+        self.metrics.authorized("tcp", verdict, port, conn.client_id, terminate)
         if verdict is not None and verdict.allowed:
             self._live.add(conn)  # with the decision, no await between: revalidate sees it
+            self._settle(conn)
             self.counters.allowed += 1
-            self.metrics.authorized("tcp", verdict, port, conn.client_id, terminate)
+            self._log_audit("connection", conn, verdict)
             await self._splice(conn, client_stream, app_port, prefix)
             return
 
@@ -303,18 +384,12 @@ class Inbound:
             prefix, protocol = await self._sniff(reader, detected, conn)
         if protocol is detect.Protocol.HTTP1:
             self._log_denied("HTTP/1 connection", conn, verdict)
-            self.metrics.authorized("http", verdict, port, conn.client_id, terminate)
             await self._refuse_http1(conn, client_stream, prefix, verdict)
         elif protocol is detect.Protocol.HTTP2:
             self._log_denied("HTTP/2 connection", conn, verdict)
-            answered = await self._refuse_http2(conn, client_stream, prefix, verdict)
-            for _ in range(answered):
-                self.metrics.authorized("http", verdict, port, conn.client_id, terminate)
-            if not answered:
-                self.metrics.authorized("tcp", verdict, port, conn.client_id, terminate)
+            await self._refuse_http2(conn, client_stream, prefix, verdict)
         else:
             self._log_denied("connection", conn, verdict)
-            self.metrics.authorized("tcp", verdict, port, conn.client_id, terminate)
 
     def _log_denied(self, what: str, conn: _Conn, verdict: decision.Decision | None) -> None:
         logger.info(
@@ -325,6 +400,18 @@ class Inbound:
             conn.dest.port,
             _rule(verdict),
         )
+
+    def _log_audit(self, what: str, conn: _Conn, verdict: decision.Decision | None) -> None:
+        """The ``audit`` policy allows what it would refuse otherwise: say so, to be reviewed."""
+        if verdict is not None and verdict.audit:
+            logger.info(
+                "audit: allowed %s from %s (%s) on port %d: %s",
+                what,
+                conn.client_id or "an unauthenticated client",
+                conn.client.source_ip,
+                conn.dest.port,
+                _rule(verdict),
+            )
 
     def _reason(self, conn: _Conn, verdict: decision.Decision | None) -> str | None:
         """The refusal's reason header: for meshed clients only."""
@@ -367,7 +454,7 @@ class Inbound:
 
     async def _splice(self, conn: _Conn, client: _Stream, app_port: int, prefix: bytes) -> None:
         try:
-            app = await asyncio.open_connection(self._app_host, app_port)
+            app = await forward.open_connection(self._app_host, app_port)
         except OSError as exc:
             logger.warning("application port %d refused the connection: %s", app_port, exc)
             return
@@ -447,14 +534,18 @@ class Inbound:
         A spliced connection is re-decided as a connection (no request). One decided request by
         request keeps going while routes matter (its next request meets the new policy anyway),
         and is closed only when the new policy refuses the connection as such and no route
-        could change that. Connections the new policy allows are not touched.
+        could change that. An upgraded tunnel (WebSocket, CONNECT) has no next request: it is
+        re-decided with the request that opened it. Connections the new policy allows are not
+        touched.
         """
         closed = 0
         for conn in list(self._live):
             if conn.terminated:
                 continue
-            verdict = policy.decide(conn.dest, conn.client)
-            if verdict.allowed or (conn.per_request and policy.routes_matter(conn.dest)):
+            verdict = policy.decide(conn.dest, conn.client, conn.tunnel)
+            if verdict.allowed:
+                continue
+            if conn.per_request and conn.tunnel is None and policy.routes_matter(conn.dest):
                 continue
             conn.terminated = True
             self._live.discard(conn)
@@ -521,6 +612,14 @@ class _Http1:
     while :class:`http.Responses` follows them, so a refusal can wait for every answer owed.
     The application is connected at the first allowed request: a client refused at once never
     reaches it.
+
+    Every wait on the client also watches the application: once the application ends its side
+    (it closed an idle keep-alive connection, ended a response that runs until the close, or
+    its answers could not be forwarded), what it answered is flushed and the client is closed,
+    as a direct connection would be. Deadlines (the module docstring's): a request head,
+    :data:`HEAD_TIMEOUT` from its first byte (408); no request in progress and no answer owed,
+    :data:`IDLE_TIMEOUT`. Bodies and tunnels get none of the proxy's: the request was allowed,
+    and the application paces it.
     """
 
     def __init__(
@@ -536,6 +635,14 @@ class _Http1:
         self._app: _Stream | None = None
         self._answering: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
+        now = asyncio.get_running_loop().time()
+        self._head_started: float | None = now
+        """When the request head being read began; None between requests. The first request's
+        counts from here: its first bytes arrived already, or are due now."""
+        self._admitted = False
+        self._active = now
+        """When a request was last admitted or an answer last forwarded: idleness counts from
+        here (bytes between requests do not reset it)."""
 
     async def run(self) -> None:
         try:
@@ -548,6 +655,7 @@ class _Http1:
                     logger.error("forwarding the application's answers failed", exc_info=outcome)
             if self._app is not None:
                 self._app[1].transport.abort()
+        await _close(self._writer)
 
     async def _serve(self) -> None:
         conn = self._conn
@@ -556,11 +664,13 @@ class _Http1:
         upgrading = False
         while True:
             if not data:
-                data = await self._reader.read(forward.CHUNK)
-                if not data:
+                read = await self._read(deadlines=True)
+                if read is None:
+                    return
+                if not read:
                     await self._client_done()
                     return
-                conn.tally.a_to_b += len(data)
+                data = read
             for event in self._requests.feed(data):
                 if isinstance(event, http.Head):
                     if not await self._admit(event):
@@ -581,11 +691,93 @@ class _Http1:
                     await self._refuse(http.bad_request(event.reason))
                     return
             data = b""
-            if self._app is not None:
-                await self._app[1].drain()
+            if self._requests.in_head:
+                if self._head_started is None:
+                    self._head_started = asyncio.get_running_loop().time()
+            elif self._admitted:
+                self._head_started = None
+            if self._app is not None and not await self._to_app(b""):
+                return
             if upgrading:
                 await self._upgrade(b"".join(held))
                 return
+
+    async def _read(self, *, deadlines: bool) -> bytes | None:
+        """The client's next bytes (b"" once it finished sending); None when the connection is
+        over: the application ended its side, or a deadline passed (and was dealt with)."""
+        loop = asyncio.get_running_loop()
+        reading = asyncio.ensure_future(self._reader.read(forward.CHUNK))
+        try:
+            while True:
+                if self._answering is not None and self._answering.done():
+                    logger.debug(
+                        "the application ended the connection from %s on port %d: closing it",
+                        self._conn.client.source_ip,
+                        self._conn.dest.port,
+                    )
+                    return None
+                if reading.done():
+                    data = reading.result()
+                    self._conn.tally.a_to_b += len(data)
+                    return data
+                deadline = self._deadline() if deadlines else None
+                if deadline is not None and loop.time() >= deadline:
+                    await self._expire()
+                    return None
+                waits: set[asyncio.Future[Any]] = {reading}
+                if self._answering is not None:
+                    waits.add(self._answering)
+                progress = None
+                if deadlines and deadline is None:  # an answer may start the idle clock
+                    self._progress.clear()
+                    progress = asyncio.ensure_future(self._progress.wait())
+                    waits.add(progress)
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if progress is not None:
+                        progress.cancel()
+        finally:
+            if not reading.done():
+                reading.cancel()  # StreamReader.read loses nothing when cancelled
+                await asyncio.gather(reading, return_exceptions=True)
+
+    def _deadline(self) -> float | None:
+        if self._head_started is not None:
+            return self._head_started + HEAD_TIMEOUT
+        if self._requests.idle and self._responses.pending == 0:
+            return self._active + IDLE_TIMEOUT
+        return None
+
+    async def _expire(self) -> None:
+        conn = self._conn
+        if self._requests.in_head:
+            logger.info(
+                "closed an HTTP/1 connection from %s on port %d: its request head was not "
+                "complete %g s after its first byte",
+                conn.client_id or conn.client.source_ip,
+                conn.dest.port,
+                HEAD_TIMEOUT,
+            )
+            await self._refuse(http.request_timeout(HEAD_TIMEOUT))
+        else:
+            logger.debug(
+                "closed an idle HTTP/1 connection from %s on port %d",
+                conn.client_id or conn.client.source_ip,
+                conn.dest.port,
+            )
+
+    async def _to_app(self, data: bytes) -> bool:
+        """Write ``data`` to the application and wait for it to take it; False if it is gone."""
+        assert self._app is not None
+        try:
+            if data:
+                self._app[1].write(data)
+            await self._app[1].drain()
+        except OSError:
+            return False
+        return True
 
     async def _admit(self, head: http.Head) -> bool:
         """Decide one request; forward its head if allowed. False: the connection is done."""
@@ -601,6 +793,13 @@ class _Http1:
             await self._refuse(http.forbidden(inbound._reason(conn, verdict)))
             return False
         inbound.counters.requests_allowed += 1
+        inbound._settle(conn)
+        inbound._log_audit(f"{head.method} {head.path}", conn, verdict)
+        self._admitted = True
+        self._head_started = None
+        self._active = asyncio.get_running_loop().time()
+        if head.upgrade:
+            conn.tunnel = request  # no request follows: revalidate re-decides this one
         if self._app is None:
             try:
                 self._app = await asyncio.open_connection(inbound._app_host, self._app_port)
@@ -620,12 +819,14 @@ class _Http1:
 
     async def _answers(self, app_reader: asyncio.StreamReader) -> None:
         """Forward the application's bytes to the client, following its responses."""
+        loop = asyncio.get_running_loop()
         try:
             while data := await app_reader.read(forward.CHUNK):
-                self._responses.feed(data)
                 self._writer.write(data)
-                await self._writer.drain()
                 self._conn.tally.b_to_a += len(data)
+                self._active = loop.time()
+                self._responses.feed(data)
+                await self._writer.drain()
                 self._progress.set()
         finally:
             self._progress.set()
@@ -645,12 +846,24 @@ class _Http1:
 
     async def _refuse(self, answer: bytes) -> None:
         """Stop reading the client; once every forwarded request has its answer, send
-        ``answer`` and close. If the application left a request unanswered (it closed, or its
-        responses can not be followed), close without it: a 403 there would read as part of
-        another response."""
-        if await self._until(self._all_answered):
-            await _answer(self._writer, answer, self._conn)
-            await _linger_and_close(self._reader, self._writer, self._conn)
+        ``answer`` and close. If the application left a request unanswered (it closed, its
+        responses can not be followed, or :data:`ANSWER_TIMEOUT` passed), close without it: a
+        403 there would read as part of another response."""
+        try:
+            answered = await asyncio.wait_for(self._until(self._all_answered), ANSWER_TIMEOUT)
+        except TimeoutError:
+            answered = False
+        if not answered:
+            logger.info(
+                "closed an HTTP/1 connection from %s on port %d without its refusal: the "
+                "application left %d request(s) unanswered",
+                self._conn.client_id or self._conn.client.source_ip,
+                self._conn.dest.port,
+                self._responses.pending,
+            )
+            return
+        await _answer(self._writer, answer, self._conn)
+        await _linger_and_close(self._reader, self._writer, self._conn)
 
     async def _upgrade(self, held: bytes) -> None:
         """An Upgrade or CONNECT was forwarded: a tunnel if the application accepts it, else
@@ -659,15 +872,16 @@ class _Http1:
         tunnel = await self._until(lambda: self._responses.tunnel or self._all_answered())
         if not (tunnel and self._responses.tunnel) or self._app is None:
             return
-        app_writer = self._app[1]
-        if held:
-            app_writer.write(held)
-        while data := await self._reader.read(forward.CHUNK):
-            self._conn.tally.a_to_b += len(data)
-            app_writer.write(data)
-            await app_writer.drain()
-        if app_writer.can_write_eof():
-            app_writer.write_eof()
+        if held and not await self._to_app(held):
+            return
+        while data := await self._read(deadlines=False):
+            if not await self._to_app(data):
+                return
+        if data is None:  # the application ended the tunnel
+            return
+        if self._app[1].can_write_eof():
+            with contextlib.suppress(OSError):
+                self._app[1].write_eof()
         await self._until(lambda: False)  # until the application is done too
 
     async def _client_done(self) -> None:
@@ -682,10 +896,20 @@ class _Http1:
 
 
 async def _answer(writer: asyncio.StreamWriter, data: bytes, conn: _Conn) -> None:
+    """Send the proxy's own answer; a client that does not take it within
+    :data:`REFUSAL_TIMEOUT` is given up on (TimeoutError)."""
     if data:
         writer.write(data)
-        await writer.drain()
         conn.tally.b_to_a += len(data)
+        await asyncio.wait_for(writer.drain(), REFUSAL_TIMEOUT)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close gracefully: what was written is flushed first, for at most :data:`CLOSE_TIMEOUT`
+    (the caller's abort then cuts a client that does not take it)."""
+    writer.close()
+    with contextlib.suppress(TimeoutError, OSError):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
 
 
 async def _linger_and_close(
@@ -733,6 +957,45 @@ class _Server:
 
     async def wait_closed(self) -> None:
         await asyncio.gather(self._accepting, *self._tasks, return_exceptions=True)
+
+
+class _Throttle:
+    """At most one log line per :data:`OVER_LIMIT_LOG_INTERVAL`, telling how many events it
+    stands for (a flood of refusals must not become a flood of log lines)."""
+
+    def __init__(self) -> None:
+        self._logged = float("-inf")
+        self._unlogged = 0
+
+    def due(self) -> int:
+        """Count one event; how many to report now (0: not yet)."""
+        self._unlogged += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._logged < OVER_LIMIT_LOG_INTERVAL:
+            return 0
+        self._logged = now
+        unlogged, self._unlogged = self._unlogged, 0
+        return unlogged
+
+
+def _no_mesh_identity(
+    policy: decision.Policy | None, dest: decision.Destination, peer: str, why: str
+) -> decision.Decision:
+    """The refusal of a client whose certificate verified but names no SPIFFE ID, on the Server
+    that covers the port (for the metrics' labels)."""
+    client = decision.Client(source_ip=peer, tls=True)
+    base = policy.decide(dest, client) if policy is not None else None
+    return decision.Decision(
+        allowed=False,
+        audit=False,
+        server_kind=base.server_kind if base is not None else "default",
+        server_name=base.server_name if base is not None else proxy_metrics.NO_POLICY,
+        rule_kind="certificate",
+        rule_name="no-spiffe-id",
+        reason=f"{why}: only a mesh certificate identifies a client; present one the identity "
+        "service issued, or none",
+        mtls_mode=base.mtls_mode if base is not None else resources.MTLSMode.STRICT,
+    )
 
 
 def _peer_ip(sock: socket.socket) -> str:

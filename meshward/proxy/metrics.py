@@ -6,20 +6,40 @@ Names follow Linkerd's proxy where it has one, so existing dashboards and alerts
     inbound_tcp_authz_deny_total       connections refused         } tls and client identity
     inbound_tcp_authz_terminate_total  live connections closed by a policy update
     inbound_http_authz_allow_total     HTTP requests allowed
-    inbound_http_authz_deny_total      HTTP requests refused (403 or gRPC status 7)
+    inbound_http_authz_deny_total      HTTP requests refused (403)
     tcp_open_total / tcp_close_total / tcp_open_connections     by direction
     tcp_read_bytes_total / tcp_write_bytes_total                by direction, counted as the
                                                                 proxy reads from and writes to
                                                                 the client side
     tls_handshake_failures_total       by direction (no Linkerd equivalent)
     tcp_refused_over_limit_total       by direction: closed at once, the most connections open
+    tcp_refused_source_limit_total     by direction: closed at once, the most undecided
+                                       connections from that source address open
     identity_cert_expiration_timestamp_seconds, identity_cert_refresh_total
     policy_updates_total
 
+Which counter a decision lands in follows what was decided, so that both outcomes on a port
+always count under the same protocol:
+
+- a decision about a connection (one per connection: opaque TCP, and HTTP where no request can
+  change the outcome) counts once in ``inbound_tcp_authz_*``, allowed or denied, however the
+  refusal is delivered: closed outright, a 403 to an HTTP/1 client, or a 403 or gRPC status 7
+  to each request of an HTTP/2 client (still one count: the requests answered are how the
+  refusal is told, not further decisions);
+- a decision about a request (HTTP/1 where routes matter, request by request) counts once per
+  request in ``inbound_http_authz_*``;
+- a client certificate that verifies against the trust anchors but names no SPIFFE ID is an
+  ``inbound_tcp_authz_deny_total`` with ``authz_kind="certificate"`` and
+  ``authz_name="no-spiffe-id"``, not a handshake failure: TLS accepted the chain, the proxy
+  refused the client. ``tls_handshake_failures_total`` counts only handshakes TLS itself failed
+  (an untrusted or expired chain, no certificate where one is required, a timeout).
+
 A server is ``srv_kind="Server"`` with the Server's name, or ``srv_kind="default"`` with the
 default policy's name; the authorization is the rule that decided (``authz_kind`` such as
-``ServerAuthorization``, ``AuthorizationPolicy``, ``probe``, ``default`` or
-``PeerAuthentication``). ``client_id`` is the client's identity name, empty without mTLS.
+``ServerAuthorization``, ``AuthorizationPolicy``, ``probe``, ``default``, ``PeerAuthentication``
+or ``certificate``). A decision the ``audit`` default policy allowed has ``authz_kind="default"``
+and ``authz_name="audit"`` (and the proxy logs it). ``client_id`` is the client's identity name,
+empty without mTLS.
 
 Each proxy owns its registry, so several proxies (and tests) in one process never mix figures.
 """
@@ -93,6 +113,12 @@ class Metrics:
             ["direction"],
             registry=r,
         )
+        self._source_limit = prometheus_client.Counter(
+            "tcp_refused_source_limit",
+            "Connections closed at once because their source had the most undecided ones open",
+            ["direction"],
+            registry=r,
+        )
         self.policy_updates = prometheus_client.Counter(
             "policy_updates", "Policy documents taken into effect", registry=r
         )
@@ -149,6 +175,9 @@ class Metrics:
 
     def over_limit(self, direction: Direction) -> None:
         self._over_limit.labels(direction).inc()
+
+    def source_limit(self, direction: Direction) -> None:
+        self._source_limit.labels(direction).inc()
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

@@ -81,7 +81,7 @@ class Outbound:
             return
         try:
             peer_reader, peer_writer = await asyncio.wait_for(
-                asyncio.open_connection(route.host, route.port, ssl=ctx), CONNECT_TIMEOUT
+                forward.open_connection(route.host, route.port, ssl_context=ctx), CONNECT_TIMEOUT
             )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self.counters.failed += 1
@@ -115,4 +115,4 @@ class Outbound:
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self.handle(reader, writer, route)
 
-        return await asyncio.start_server(accepted, host, port)
+        return await forward.start_server(accepted, host, port)
