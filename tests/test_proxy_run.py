@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.client
 import json
 import os
 import pathlib
@@ -23,7 +24,9 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kubernetes import client
 from prometheus_client import parser
 
@@ -146,8 +149,8 @@ class Proxy:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
-def server_and_authorization(ns: str, port: int, *clients: str) -> str:
-    """An opaque Server on ``port`` for pods app=web, and who may reach it."""
+def server_and_authorization(ns: str, port: int, *clients: str, protocol: str = "opaque") -> str:
+    """A Server on ``port`` for pods app=web, speaking ``protocol``, and who may reach it."""
     manifest = textwrap.dedent(f"""
         apiVersion: policy.meshward.io/v1alpha1
         kind: Server
@@ -155,7 +158,7 @@ def server_and_authorization(ns: str, port: int, *clients: str) -> str:
         spec:
           podSelector: {{matchLabels: {{app: web}}}}
           port: {port}
-          proxyProtocol: opaque
+          proxyProtocol: {protocol}
     """)
     for sa in clients:
         manifest += "---" + textwrap.dedent(f"""
@@ -202,9 +205,26 @@ def identity_service(kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> Iterat
     svc.stop()
 
 
+@pytest.fixture(params=["opaque"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    """What the application speaks (and its Server declares): parametrize indirectly."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def app() -> AsyncIterator[int]:
-    """An echo server: the application behind the server's proxy."""
+async def app(protocol: str) -> AsyncIterator[int]:
+    """The application behind the server's proxy: an echo server (opaque), an HTTP/1 server
+    answering 200 "hello", or a gRPC server with the health service."""
+    if protocol == "gRPC":
+        grpc_server = grpc.aio.server()
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        yield port
+        await grpc_server.stop(0)
+        return
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -216,7 +236,17 @@ async def app() -> AsyncIterator[int]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(hello if protocol == "HTTP/1" else echo, "127.0.0.1", 0)
     yield server.sockets[0].getsockname()[1]
     server.close()
 
@@ -309,6 +339,7 @@ def mesh(
     namespace: str,
     identity_service: IdentityService,
     app: int,
+    protocol: str,
     tmp_path: pathlib.Path,
 ) -> Iterator[Workloads]:
     """Pod web-0 served by a proxy that lets ServiceAccount ``client`` in; proxies for
@@ -316,7 +347,7 @@ def mesh(
     the proxies follow the policy service instead of a file."""
     ns = namespace
     kubectl.apply(kubetest.pod_manifest(ns, "web-0", "web"))
-    kubectl.apply(server_and_authorization(ns, app, "client"))
+    kubectl.apply(server_and_authorization(ns, app, "client", protocol=protocol))
     policy_file = tmp_path / "policy.json"
     mount_policy(core, ns, policy_file, 1)
     policy_service = None
@@ -449,6 +480,45 @@ async def test_renewal_under_continuous_traffic_fails_no_connection(mesh: Worklo
     assert len(serials) >= 3  # the first certificate and at least two renewals, all served
     assert web.metric("identity_cert_refresh_total") >= 3
     assert ok.metric("identity_cert_refresh_total") >= 3
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1"], indirect=True)
+async def test_a_denied_http_client_gets_403_and_the_rule(mesh: Workloads, namespace: str) -> None:
+    web, ok, intruder = (mesh.proxies[sa] for sa in ("web", "client", "intruder"))
+    await until_placed(web)
+
+    def get(port: int) -> tuple[int, str | None, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/votes")
+            response = conn.getresponse()
+            return response.status, response.getheader("meshward-proxy-error"), response.read()
+        finally:
+            conn.close()
+
+    assert await asyncio.to_thread(get, ok.outbound_port) == (200, None, b"hello")
+    status, reason, _ = await asyncio.to_thread(get, intruder.outbound_port)
+    assert status == 403
+    assert reason is not None and "Server web" in reason  # a meshed client is told why
+    # No route rule on this Server, so one decision per connection: counted as tcp (metrics.py).
+    assert web.metric("inbound_tcp_authz_deny_total", client_id=name("intruder", namespace)) == 1
+    assert web.metric("inbound_http_authz_deny_total") == 0
+
+
+@pytest.mark.parametrize("protocol", ["gRPC"], indirect=True)
+async def test_a_denied_grpc_client_gets_permission_denied(mesh: Workloads) -> None:
+    web, ok, intruder = (mesh.proxies[sa] for sa in ("web", "client", "intruder"))
+    await until_placed(web)
+
+    async def check(port: int) -> health_pb2.HealthCheckResponse:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+    assert (await check(ok.outbound_port)).status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await check(intruder.outbound_port)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_a_missing_setting_stops_it_at_start(tmp_path: pathlib.Path) -> None:
