@@ -460,9 +460,10 @@ async def test_an_unmodified_client_reaches_a_meshed_server_over_mtls_and_policy
             == 1
         ), web.log_tail()
         assert ok.metric("tcp_open_total", direction="outbound") == 1  # through its own proxy
-        # The application only ever sees its proxy.
+        # The application only ever sees its proxy, which dials the pod's own address (a
+        # loopback-only port stays private to the pod).
         requests = [line for line in app_log.read_text().splitlines() if "GET /" in line]
-        assert len(requests) == 1 and requests[0].startswith("127.0.0.1 ")
+        assert len(requests) == 1 and requests[0].startswith(f"{server_ip} ")
 
         # The proxy's own inbound port is not a way in: nothing behind it to forward to.
         assert "error" in await http_get(pods["client"], server_ip, interception.INBOUND_PORT)

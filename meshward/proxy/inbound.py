@@ -129,6 +129,7 @@ class _Conn:
     """One accepted connection: what revalidation needs, and the bytes metrics count."""
 
     __slots__ = (
+        "app_host",
         "client",
         "client_id",
         "dest",
@@ -140,8 +141,11 @@ class _Conn:
         "tunnel",
     )
 
-    def __init__(self, dest: decision.Destination, pending: str) -> None:
+    def __init__(self, dest: decision.Destination, pending: str, app_host: str) -> None:
         self.dest = dest
+        self.app_host = app_host
+        """Where the application is reached: loopback in local mode, the pod's own address
+        (the original destination) in transparent mode."""
         self.client = decision.Client()
         self.client_id: str | None = None
         self.pending: str | None = pending
@@ -215,8 +219,11 @@ class Inbound:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    async def handle(self, sock: socket.socket, port: int, app_port: int) -> None:
-        """Own ``sock`` from here on: it is closed on every path."""
+    async def handle(
+        self, sock: socket.socket, port: int, app_port: int, app_host: str | None = None
+    ) -> None:
+        """Own ``sock`` from here on: it is closed on every path. The application is reached
+        at ``app_host`` (default: the constructor's) on ``app_port``."""
         if self._open >= self._max_connections:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -233,7 +240,7 @@ class Inbound:
         self.counters.accepted += 1
         self.metrics.opened("inbound")
         dest = decision.Destination(port=port, labels=self._labels, pod=self._pod)
-        conn = _Conn(dest, pending=peer)
+        conn = _Conn(dest, pending=peer, app_host=app_host or self._app_host)
         try:
             await self._handle(sock, conn, peer, app_port)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
@@ -454,7 +461,7 @@ class Inbound:
 
     async def _splice(self, conn: _Conn, client: _Stream, app_port: int, prefix: bytes) -> None:
         try:
-            app = await forward.open_connection(self._app_host, app_port)
+            app = await forward.open_connection(conn.app_host, app_port)
         except OSError as exc:
             logger.warning("application port %d refused the connection: %s", app_port, exc)
             return
@@ -802,7 +809,7 @@ class _Http1:
             conn.tunnel = request  # no request follows: revalidate re-decides this one
         if self._app is None:
             try:
-                self._app = await asyncio.open_connection(inbound._app_host, self._app_port)
+                self._app = await asyncio.open_connection(self._conn.app_host, self._app_port)
             except OSError as exc:
                 logger.warning(
                     "application port %d refused the connection: %s", self._app_port, exc

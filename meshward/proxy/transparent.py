@@ -228,7 +228,9 @@ class Transparent:
             sock.close()
             return
         self.counters.inbound += 1
-        await self._inbound.handle(sock, dest.port, dest.port)
+        # To the address the client dialled, not loopback: an application port bound to
+        # 127.0.0.1 only (a debug or admin port) must not become reachable from other pods.
+        await self._inbound.handle(sock, dest.port, dest.port, app_host=dest.host)
 
     # -- outbound -----------------------------------------------------------------------------
 
