@@ -507,6 +507,22 @@ def test_a_bad_injector_setting_names_its_variable(var: str, value: str) -> None
     assert str(exc.value).startswith(f"{var}={value!r} is not valid: expected ")
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("MESHWARD_INJECT_SKIP_INBOUND_PORTS", "80,4143", "covers the inbound port 4143"),
+        ("MESHWARD_INJECT_SKIP_OUTBOUND_PORTS", "4140", "covers the outbound port 4140"),
+    ],
+)
+def test_settings_proxy_init_would_refuse_are_refused_up_front(
+    var: str, value: str, says: str
+) -> None:
+    with pytest.raises(errors.ConfigError) as exc:
+        _settings.injector_from_env({var: value})
+    assert "init container of every injected pod would fail" in str(exc.value)
+    assert says in str(exc.value)
+
+
 def test_operator_flags_set_the_injector_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in _settings.INJECT_ENV.values():
         monkeypatch.setenv(var, "")  # restored afterwards: the flags write the environment

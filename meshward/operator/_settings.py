@@ -17,6 +17,7 @@ import re
 from meshward import errors, inject
 from meshward.policy import compile as policy_compile
 from meshward.policy import resources
+from meshward.proxy import interception
 
 ENV = {
     "trust_domain": "MESHWARD_TRUST_DOMAIN",
@@ -163,7 +164,31 @@ def injector_from_env(env: dict[str, str] | None = None) -> inject.Settings:
     for key in ("skip_inbound_ports", "skip_outbound_ports"):
         if (raw := value(key)) is not None:
             changes[key] = _ports(INJECT_ENV[key], raw)
-    return dataclasses.replace(defaults, **changes)  # type: ignore[arg-type]
+    settings = dataclasses.replace(defaults, **changes)  # type: ignore[arg-type]
+    _check_interception(settings)
+    return settings
+
+
+def _check_interception(settings: inject.Settings) -> None:
+    """Refuse settings whose ``meshward proxy-init`` invocation would fail in every pod."""
+
+    def ranges(ports: tuple[int, ...]) -> tuple[interception.PortRange, ...]:
+        return tuple(interception.PortRange(port, port) for port in ports)
+
+    try:
+        interception.Config(
+            inbound_port=settings.inbound_port,
+            outbound_port=settings.outbound_port,
+            proxy_uid=settings.proxy_uid,
+            admin_port=settings.admin_port,
+            skip_inbound_ports=ranges(settings.skip_inbound_ports),
+            skip_outbound_ports=ranges(settings.skip_outbound_ports),
+        )
+    except errors.ConfigError as exc:
+        raise errors.ConfigError(
+            f"{INJECT_ENV['skip_inbound_ports']} / {INJECT_ENV['skip_outbound_ports']}: the "
+            f"init container of every injected pod would fail: {exc}"
+        ) from exc
 
 
 def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
