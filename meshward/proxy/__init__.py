@@ -25,6 +25,7 @@ the parts, in the order data meets them:
     interception  the iptables rules that steer a pod's TCP through its proxy (pure)
     proxy_init  ``meshward proxy-init``: those rules installed, idempotently
     original_dst  where a redirected connection was going (SO_ORIGINAL_DST)
+    listener    a listening socket and its accept loop (both modes)
     transparent accept loops for redirected connections, both directions
     run         settings in, every part started and wired, everything stopped; the
                 process runs on uvloop (compiled transports and TLS)

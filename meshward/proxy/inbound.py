@@ -62,7 +62,7 @@ from typing import Any
 from meshward import errors
 from meshward.policy import compile as policy_compile
 from meshward.policy import decision, resources
-from meshward.proxy import detect, forward, grpc_deny, http, tls
+from meshward.proxy import detect, forward, grpc_deny, http, listener, tls
 from meshward.proxy import metrics as proxy_metrics
 
 logger = logging.getLogger(__name__)
@@ -573,42 +573,14 @@ class Inbound:
 
     async def serve(
         self, host: str, port: int, app_port: int, policy_port: int | None = None
-    ) -> _Server:
+    ) -> listener.Listener:
         """Local mode: listen on ``host:port`` and forward allowed connections to ``app_port``,
         deciding as if they were addressed to ``policy_port`` (default: ``app_port``)."""
-        loop = asyncio.get_running_loop()
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
-        # and without it every reply waits out the client's delayed ACK (40 ms on Linux).
-        listener = socket.socket(
-            socket.AF_INET6 if ":" in host else socket.AF_INET,
-            socket.SOCK_STREAM,
-            socket.IPPROTO_TCP,
-        )
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(512)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def accept_loop() -> None:
-            while True:
-                try:
-                    sock, _ = await loop.sock_accept(listener)
-                except OSError as exc:  # out of descriptors, say: back off, keep listening
-                    logger.warning("accepting on port %d failed: %s", port, exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                task = loop.create_task(self.handle(sock, policy_port or app_port, app_port))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+        async def accepted(sock: socket.socket) -> None:
+            await self.handle(sock, policy_port or app_port, app_port)
 
-        return _Server(listener, loop.create_task(accept_loop()), tasks)
+        return await listener.listen(host, port, accepted, "inbound")
 
 
 class _Http1:
@@ -940,30 +912,6 @@ async def _linger_and_close(
     writer.close()
     with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
         await asyncio.wait_for(writer.wait_closed(), LINGER)
-
-
-class _Server:
-    """The accept loop and its connections, closed together."""
-
-    def __init__(
-        self, listener: socket.socket, accepting: asyncio.Task[None], tasks: set[asyncio.Task[None]]
-    ) -> None:
-        self._listener = listener
-        self._accepting = accepting
-        self._tasks = tasks
-
-    @property
-    def port(self) -> int:
-        return int(self._listener.getsockname()[1])
-
-    def close(self) -> None:
-        self._accepting.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        self._listener.close()
-
-    async def wait_closed(self) -> None:
-        await asyncio.gather(self._accepting, *self._tasks, return_exceptions=True)
 
 
 class _Throttle:

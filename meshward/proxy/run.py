@@ -42,6 +42,7 @@ from meshward.proxy import (
     admin,
     identity,
     inbound,
+    listener,
     metrics,
     outbound,
     policy_source,
@@ -243,12 +244,12 @@ async def start(config: settings.ProxySettings) -> Running:
         tasks.append(loop.create_task(workload.run(), name="identity"))
         tasks.append(loop.create_task(source.run(), name="policy"))
         for entry in config.local_inbound:
-            listener = await _bind(
+            bound = await _bind(
                 f"inbound {entry.listen}",
                 inbound_side.serve(entry.listen.host, entry.listen.port, entry.app_port),
             )
-            closers.append(_closer(listener))
-            running.inbound_ports.append(listener.port)
+            closers.append(_closer(bound))
+            running.inbound_ports.append(bound.port)
         for out in config.local_outbound:
             route = outbound.Route(
                 out.peer.host,
@@ -307,7 +308,7 @@ async def start(config: settings.ProxySettings) -> Running:
 
 
 def _closer(
-    server: asyncio.Server | inbound._Server | transparent.Listener,
+    server: asyncio.Server | listener.Listener,
 ) -> Callable[[], Awaitable[None]]:
     async def close() -> None:
         server.close()

@@ -31,7 +31,7 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterable
 
 from meshward import errors
-from meshward.proxy import forward, inbound, original_dst, outbound
+from meshward.proxy import forward, inbound, listener, original_dst, outbound
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_MESH_NETWORKS = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"
 """The private ranges clusters take pod and service addresses from."""
 CONNECT_TIMEOUT = 10.0
-ACCEPT_BACKOFF = 0.1
 OVER_LIMIT_LOG_INTERVAL = 1.0
 
 
@@ -83,30 +82,6 @@ class Counters:
     over_limit: int = 0
 
 
-class Listener:
-    """One accept loop and the connections it started, closed together."""
-
-    def __init__(
-        self, listener: socket.socket, accepting: asyncio.Task[None], tasks: set[asyncio.Task[None]]
-    ) -> None:
-        self._listener = listener
-        self._accepting = accepting
-        self._tasks = tasks
-
-    @property
-    def port(self) -> int:
-        return int(self._listener.getsockname()[1])
-
-    def close(self) -> None:
-        self._accepting.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        self._listener.close()
-
-    async def wait_closed(self) -> None:
-        await asyncio.gather(self._accepting, *list(self._tasks), return_exceptions=True)
-
-
 class Transparent:
     """The inbound and outbound accept loops of one proxy in transparent mode.
 
@@ -142,11 +117,11 @@ class Transparent:
             return False
         return any(address in network for network in self._mesh)
 
-    async def serve_inbound(self, host: str, port: int) -> Listener:
+    async def serve_inbound(self, host: str, port: int) -> listener.Listener:
         """Take redirected inbound connections on ``host:port``."""
         return await self._serve(host, port, self._inbound_connection, "inbound")
 
-    async def serve_outbound(self, host: str, port: int) -> Listener:
+    async def serve_outbound(self, host: str, port: int) -> listener.Listener:
         """Take redirected outbound connections on ``host:port``."""
         return await self._serve(host, port, self._outbound_connection, "outbound")
 
@@ -158,48 +133,10 @@ class Transparent:
         port: int,
         handle: Callable[[socket.socket], Coroutine[None, None, None]],
         what: str,
-    ) -> Listener:
-        loop = asyncio.get_running_loop()
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                # One family per socket: the kernel reports no original destination for an
-                # IPv4 client of an IPv6 socket.
-                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listener.bind((host, port))
-            listener.listen(512)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
-        self._proxy_ports.add(int(listener.getsockname()[1]))
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def accept_loop() -> None:
-            while True:
-                try:
-                    sock, _ = await loop.sock_accept(listener)
-                except OSError as exc:  # out of descriptors, say: back off, keep listening
-                    logger.warning(
-                        "accepting %s connections on port %d failed: %s", what, port, exc
-                    )
-                    await asyncio.sleep(ACCEPT_BACKOFF)
-                    continue
-                try:
-                    sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError as exc:  # the client is gone already
-                    logger.debug("%s connection dropped at accept: %s", what, exc)
-                    sock.close()
-                    continue
-                task = loop.create_task(handle(sock))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-
-        return Listener(listener, loop.create_task(accept_loop()), tasks)
+    ) -> listener.Listener:
+        bound = await listener.listen(host, port, handle, what)
+        self._proxy_ports.add(bound.port)
+        return bound
 
     def _destination(self, sock: socket.socket, what: str) -> original_dst.Destination | None:
         """The original destination, or None (``sock`` closed) when there is none to use."""
