@@ -148,6 +148,7 @@ def test_material_created_published_and_reported(
     root = operator.root_namespace
     before = meshed_namespace(core, annotated=True)
     after = meshed_namespace(core, annotated=False)
+    plain = meshed_namespace(core, annotated=False)
     try:
         kubectl.apply(manifest(td, anchorLifetime="30d", issuerLifetime="2d"))
         obj = wait_status(custom, td, phase("Ready"), "Ready", operator)
@@ -185,6 +186,21 @@ def test_material_created_published_and_reported(
         )
         assert pki.load_certificates(bundle(core, after)) == [anchor]
 
+        # A pod that asks for the proxy itself, in a namespace that does not: its proxy reads
+        # the bundle from its own namespace, so the bundle follows it there.
+        kubetest.wait_service_account(core, plain)
+        kubectl.apply(
+            kubetest.pod_manifest(
+                plain, "web-0", "web", annotations={"meshward.io/inject": "enabled"}
+            )
+        )
+        stored = core.read_namespaced_pod("web-0", plain)
+        assert "meshward-proxy" in [c.name for c in stored.spec.containers]
+        kubetest.wait_for(
+            "the bundle in the namespace of an injected pod", lambda: bundle(core, plain)
+        )
+        assert pki.load_certificates(bundle(core, plain)) == [anchor]
+
         columns = kubectl.run("get", "trustdomain", td).stdout
         assert "Ready" in columns and status["issuer"]["notAfter"] in columns
 
@@ -197,6 +213,7 @@ def test_material_created_published_and_reported(
     finally:
         core.delete_namespace(before)
         core.delete_namespace(after)
+        core.delete_namespace(plain)
 
 
 def test_issuer_rotated_and_identity_service_follows_without_restart(

@@ -220,6 +220,9 @@ def _injector() -> None:
 
         patch.fns.append(replace)
         logger.info("%s injected with proxy %s", what, config.injector.version)
+        trust: _trust.TrustKeeper | None = getattr(memo, "trust", None)
+        if trust is not None:
+            trust.pod_injected(namespace)  # its proxy reads the trust bundle from this namespace
 
     @kopf.on.event(
         "admissionregistration.k8s.io",

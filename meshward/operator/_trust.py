@@ -52,6 +52,15 @@ class TrustKeeper:
         self._pending = False
         self._failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._with_injected_pods: set[str] = set()
+        """Namespaces where a pod asked for the proxy itself: its container reads the bundle
+        from its own namespace, annotated for injection or not."""
+
+    def pod_injected(self, namespace: str) -> None:
+        """The injector added a proxy to a pod in ``namespace``: publish the bundle there."""
+        if namespace not in self._with_injected_pods:
+            self._with_injected_pods.add(namespace)
+            self.poke()
 
     def poke(self, delay: float = DEBOUNCE) -> None:
         """Ask for a round soon; never raises."""
@@ -214,7 +223,9 @@ class TrustKeeper:
             meta = ns.metadata
             if ns.status and ns.status.phase == "Terminating":
                 continue
-            if self._meshed(meta.name, meta.annotations or {}):
+            if self._meshed(meta.name, meta.annotations or {}) or (
+                meta.name in self._with_injected_pods and not self._settings.excludes(meta.name)
+            ):
                 try:
                     await self._write_bundle(meta.name, bundle)
                 except client.exceptions.ApiException as exc:
