@@ -102,6 +102,30 @@ def write_kubeconfig(path: pathlib.Path, config: dict[str, Any]) -> None:
     path.chmod(0o600)
 
 
+def powerless_kubeconfig(
+    kubeconfig: pathlib.Path, core: client.CoreV1Api, namespace: str, path: pathlib.Path
+) -> pathlib.Path:
+    """A kubeconfig at ``path`` for the same cluster, authenticated as ServiceAccount
+    ``powerless`` of ``namespace``, which no RBAC rule grants anything."""
+    try:
+        core.create_namespaced_service_account(
+            namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="powerless"))
+        )
+    except exceptions.ApiException as exc:
+        if exc.status != 409:
+            raise
+    request = client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(
+            audiences=["https://kubernetes.default.svc.cluster.local"], expiration_seconds=600
+        )
+    )
+    token = core.create_namespaced_service_account_token("powerless", namespace, request)
+    config = read_kubeconfig(kubeconfig)
+    config["users"] = [{"name": "admin", "user": {"token": token.status.token}}]
+    write_kubeconfig(path, config)
+    return path
+
+
 def pod_manifest(
     namespace: str,
     name: str,

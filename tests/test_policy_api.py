@@ -721,13 +721,7 @@ def test_policy_serve_refuses_to_start_without_configmap_rbac(
     namespace: str,
     tmp_path: pathlib.Path,
 ) -> None:
-    token = token_for(
-        core, namespace, "powerless", audience="https://kubernetes.default.svc.cluster.local"
-    )
-    cfg = kubetest.read_kubeconfig(kubeconfig)
-    cfg["users"] = [{"name": "admin", "user": {"token": token}}]
-    limited = tmp_path / "kubeconfig"
-    kubetest.write_kubeconfig(limited, cfg)
+    limited = kubetest.powerless_kubeconfig(kubeconfig, core, namespace, tmp_path / "kubeconfig")
     proc = meshward(
         "policy",
         "serve",
