@@ -23,6 +23,7 @@ import pathlib
 import random
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -51,6 +52,29 @@ def skip_reason() -> str | None:
         if shutil.which(tool) is None:
             return f"needs {tool} (iproute2, util-linux) on PATH"
     return _netns_problem()
+
+
+@functools.cache
+def unprivileged_problem(uid: int) -> str | None:
+    """Why a process of ``uid`` can not run meshward from this checkout (the proxy runs under
+    its own UID, which the interception rules exempt), or None when it can."""
+    probe = subprocess.run(
+        [
+            *("setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"),
+            *(sys.executable, "-c", "import meshward.proxy.run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode == 0:
+        return None
+    last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+    return (
+        f"UID {uid} (the proxy's) can not import meshward from {sys.prefix} ({last}): the "
+        "checkout or its parent directories are private to root; clone it where other users "
+        "may traverse (e.g. chmod o+x on the parents) to run this test"
+    )
 
 
 @functools.cache

@@ -359,6 +359,8 @@ async def test_an_unmodified_client_reaches_a_meshed_server_over_mtls_and_policy
     namespace: str,
     tmp_path: pathlib.Path,
 ) -> None:
+    if (reason := netns.unprivileged_problem(PROXY_UID)) is not None:
+        pytest.skip(reason)
     ns = namespace
     # Pods at the top half of the /24; the host's bridge address (.1) is outside the mesh.
     pods = {
