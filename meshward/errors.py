@@ -14,7 +14,8 @@
     │   ├── TokenRejected      the ServiceAccount token did not authenticate
     │   ├── IdentityMismatch   the token authenticates another ServiceAccount
     │   ├── IssuerError        the issuer is missing, expired or does not chain to an anchor
-    │   └── UntrustedChain     a certificate chain does not verify against the anchors
+    │   ├── UntrustedChain     a certificate chain does not verify against the anchors
+    │   └── InvalidTrustBundle a trust bundle (or the renewal request beside it) is unusable
     ├── InterceptionError      transparent interception could not be installed or used
     │   └── NotRedirected      a connection reached the proxy without being redirected to it
     ├── InjectionError         a pod or manifest can not be injected with the proxy as written
@@ -93,6 +94,11 @@ class IssuerError(IdentityError):
 
 class UntrustedChain(IdentityError):
     """A certificate chain does not verify against the trust anchors."""
+
+
+class InvalidTrustBundle(IdentityError):
+    """A trust bundle can not anchor mesh identities (unreadable, empty, a non-CA certificate,
+    every anchor expired), or the ``renew-leaves-before`` time beside it is malformed."""
 
 
 class InterceptionError(MeshwardError):

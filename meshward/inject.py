@@ -20,7 +20,9 @@ What injection adds:
   (:mod:`meshward.proxy.settings`). The local identity name is built by Kubernetes from the
   pod's ServiceAccount and namespace (``$(VAR)`` expansion of two fieldRef variables defined
   just before it), and the trust anchors come from the ``meshward-identity-trust-roots``
-  ConfigMap of the pod's namespace;
+  ConfigMap of the pod's namespace, mounted as a volume (not copied into the environment) so
+  that the proxy follows it as it changes during an anchor rotation, and sees the
+  ``renew-leaves-before`` request mounted beside the bundle;
 - a projected ServiceAccount token for the identity service's audience and a memory-backed
   emptyDir for the proxy's private key, which therefore never touches the node's disk;
 - the ``meshward-init`` init container, last, so that the application's own init containers run
@@ -47,8 +49,8 @@ import importlib.metadata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from meshward import errors
-from meshward.identity import authority, commands, pki, tokens
+from meshward import errors, trustbundle
+from meshward.identity import commands, pki, tokens
 from meshward.proxy import settings as proxy_settings
 
 INJECT_ANNOTATION = "meshward.io/inject"
@@ -65,11 +67,13 @@ TOKEN_FILE = f"{TOKEN_DIR}/{TOKEN_VOLUME}"
 TOKEN_EXPIRATION_SECONDS = 86400
 IDENTITY_VOLUME = "meshward-identity-end-entity"
 IDENTITY_DIR = "/var/run/meshward/identity/end-entity"
+TRUST_ROOTS_VOLUME = "meshward-trust-roots"
+TRUST_ROOTS_DIR = "/var/run/meshward/trust-roots"
 XTABLES_VOLUME = "meshward-init-xtables-lock"
 """iptables takes its lock in /run, which the init container's read-only root can not hold."""
 PROXY_PORT_NAME, ADMIN_PORT_NAME = "meshward-proxy", "meshward-admin"
 POD_SA_VAR, POD_NS_VAR = "_pod_sa", "_pod_ns"
-RESERVED_VOLUMES = (TOKEN_VOLUME, IDENTITY_VOLUME, XTABLES_VOLUME)
+RESERVED_VOLUMES = (TOKEN_VOLUME, IDENTITY_VOLUME, TRUST_ROOTS_VOLUME, XTABLES_VOLUME)
 CONTROL_PLANE_NAMESPACE = "meshward"
 """Where the identity and policy services run: their certificates carry this namespace."""
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -268,10 +272,8 @@ def proxy_container(settings: Settings) -> dict[str, Any]:
     env: list[dict[str, Any]] = [
         {"name": proxy_settings.IDENTITY_DIR, "value": IDENTITY_DIR},
         {
-            "name": proxy_settings.TRUST_ANCHORS,
-            "valueFrom": {
-                "configMapKeyRef": {"name": commands.TRUST_ROOTS, "key": authority.ANCHORS}
-            },
+            "name": proxy_settings.TRUST_ANCHORS_FILE,
+            "value": f"{TRUST_ROOTS_DIR}/{trustbundle.ANCHORS_KEY}",
         },
         {"name": proxy_settings.TOKEN_FILE, "value": TOKEN_FILE},
         _field_env(POD_SA_VAR, "spec.serviceAccountName"),
@@ -321,6 +323,7 @@ def proxy_container(settings: Settings) -> dict[str, Any]:
         "volumeMounts": [
             {"name": IDENTITY_VOLUME, "mountPath": IDENTITY_DIR},
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": TRUST_ROOTS_VOLUME, "mountPath": TRUST_ROOTS_DIR, "readOnly": True},
         ],
     }
 
@@ -365,7 +368,8 @@ def init_container(settings: Settings) -> dict[str, Any]:
 
 
 def volumes() -> list[dict[str, Any]]:
-    """The token the proxy proves its ServiceAccount with, its key's home, iptables' lock."""
+    """The token the proxy proves its ServiceAccount with, its key's home, the trust roots it
+    follows, iptables' lock."""
     return [
         {
             "name": TOKEN_VOLUME,
@@ -382,6 +386,7 @@ def volumes() -> list[dict[str, Any]]:
             },
         },
         {"name": IDENTITY_VOLUME, "emptyDir": {"medium": "Memory"}},
+        {"name": TRUST_ROOTS_VOLUME, "configMap": {"name": commands.TRUST_ROOTS}},
         {"name": XTABLES_VOLUME, "emptyDir": {}},
     ]
 

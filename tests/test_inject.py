@@ -21,6 +21,7 @@ from meshward import cli, errors, inject
 from meshward.identity import pki
 from meshward.operator import _settings
 from meshward.proxy import settings as proxy_settings
+from tests import test_bundle
 
 AT = "2026-11-24T10:00:00Z"
 SETTINGS = inject.Settings.defaults("cluster.local", "1.2.3")
@@ -152,13 +153,8 @@ def test_the_proxy_container_exactly() -> None:
                 "value": "/var/run/meshward/identity/end-entity",
             },
             {
-                "name": "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS",
-                "valueFrom": {
-                    "configMapKeyRef": {
-                        "name": "meshward-identity-trust-roots",
-                        "key": "ca-bundle.crt",
-                    }
-                },
+                "name": "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS_FILE",
+                "value": "/var/run/meshward/trust-roots/ca-bundle.crt",
             },
             {
                 "name": "MESHWARD_PROXY_IDENTITY_TOKEN_FILE",
@@ -231,25 +227,24 @@ def test_the_proxy_container_exactly() -> None:
                 "mountPath": "/var/run/secrets/tokens",
                 "readOnly": True,
             },
+            {
+                "name": "meshward-trust-roots",
+                "mountPath": "/var/run/meshward/trust-roots",
+                "readOnly": True,
+            },
         ],
     }
 
 
-def expand(
-    env: list[dict[str, Any]], pod_fields: dict[str, str], configmap: dict[str, str]
-) -> dict[str, str]:
-    """The environment as the kubelet would give it: fieldRefs and configMapKeyRefs resolved,
-    and ``$(VAR)`` replaced by variables defined earlier in the list (later ones stay as is)."""
+def expand(env: list[dict[str, Any]], pod_fields: dict[str, str]) -> dict[str, str]:
+    """The environment as the kubelet would give it: fieldRefs resolved, and ``$(VAR)``
+    replaced by variables defined earlier in the list (later ones stay as is)."""
     out: dict[str, str] = {}
     for var in env:
         if "value" in var:
             value = re.sub(r"\$\((\w+)\)", lambda m: out.get(m[1], m[0]), var["value"])
-        elif "fieldRef" in var["valueFrom"]:
-            value = pod_fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
         else:
-            ref = var["valueFrom"]["configMapKeyRef"]
-            assert ref["name"] == "meshward-identity-trust-roots"
-            value = configmap[ref["key"]]
+            value = pod_fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
         out[var["name"]] = value
     return out
 
@@ -258,7 +253,8 @@ def test_the_proxy_accepts_the_environment_it_is_given(tmp_path: pathlib.Path) -
     """What Kubernetes makes of the injected environment is a valid proxy configuration,
     with the pod's own identity (the mounts are stood in for by temporary paths)."""
     anchor, _ = pki.new_trust_anchor("cluster.local", datetime.timedelta(days=1))
-    proxy = container(injected(pod()), "meshward-proxy")
+    injected_pod = injected(pod())
+    proxy = container(injected_pod, "meshward-proxy")
     env = expand(
         proxy["env"],
         {
@@ -266,19 +262,31 @@ def test_the_proxy_accepts_the_environment_it_is_given(tmp_path: pathlib.Path) -
             "metadata.namespace": "emojivoto",
             "metadata.name": "web-0",
         },
-        {"ca-bundle.crt": pki.to_pem(anchor).decode()},
     )
     identity_dir, token = tmp_path / "identity", tmp_path / "token"
     identity_dir.mkdir()
     token.write_text("not-a-real-token")
-    mounts = {m["mountPath"]: m["name"] for m in proxy["volumeMounts"]}
-    assert mounts[env[proxy_settings.IDENTITY_DIR]] == inject.IDENTITY_VOLUME
+    mounts = {m["mountPath"]: m for m in proxy["volumeMounts"]}
+    volumes = {v["name"]: v for v in injected_pod["spec"]["volumes"]}
+    assert mounts[env[proxy_settings.IDENTITY_DIR]]["name"] == inject.IDENTITY_VOLUME
     token_dir, _, token_name = env[proxy_settings.TOKEN_FILE].rpartition("/")
-    assert (mounts[token_dir], token_name) == (inject.TOKEN_VOLUME, inject.TOKEN_VOLUME)
+    assert (mounts[token_dir]["name"], token_name) == (inject.TOKEN_VOLUME, inject.TOKEN_VOLUME)
+    # The trust bundle is the ca-bundle.crt key of the namespace's trust-roots ConfigMap,
+    # mounted read-only (the proxy only reads it).
+    roots_dir, _, roots_key = env[proxy_settings.TRUST_ANCHORS_FILE].rpartition("/")
+    roots_mount = mounts[roots_dir]
+    assert roots_mount["readOnly"] is True
+    assert volumes[roots_mount["name"]]["configMap"]["name"] == "meshward-identity-trust-roots"
+    assert roots_key == "ca-bundle.crt"
+    pem = pki.to_pem(anchor).decode()
+    test_bundle.ConfigMapVolume(tmp_path / "trust-roots").write({roots_key: pem})
     env[proxy_settings.IDENTITY_DIR] = str(identity_dir)
     env[proxy_settings.TOKEN_FILE] = str(token)
+    env[proxy_settings.TRUST_ANCHORS_FILE] = str(tmp_path / "trust-roots" / roots_key)
 
     settings = proxy_settings.from_env(env)
+    assert settings.trust_anchors_file == tmp_path / "trust-roots" / "ca-bundle.crt"
+    assert settings.trust_anchors == pem.encode()
     assert settings.local_name == "web.emojivoto.serviceaccount.identity.meshward.cluster.local"
     assert settings.namespace == "emojivoto"
     assert settings.pod_name == "web-0"
@@ -310,6 +318,7 @@ def test_the_volumes_exactly() -> None:
             },
         },
         {"name": "meshward-identity-end-entity", "emptyDir": {"medium": "Memory"}},
+        {"name": "meshward-trust-roots", "configMap": {"name": "meshward-identity-trust-roots"}},
         {"name": "meshward-init-xtables-lock", "emptyDir": {}},
     ]
 

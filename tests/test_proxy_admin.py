@@ -10,8 +10,11 @@ import pathlib
 import socket
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from prometheus_client import parser
 
+from meshward import trustbundle
+from meshward.identity import pki
 from meshward.proxy import admin, identity, metrics
 from tests.test_proxy_tls import Mesh
 
@@ -39,6 +42,36 @@ def test_ready_and_the_identity_once_certified(tmp_path: pathlib.Path) -> None:
     pem = answers.respond("GET", "/identity?format=pem")
     chain = x509.load_pem_x509_certificates(pem.body)
     assert chain[0] == certified.leaf and b"PRIVATE KEY" not in pem.body
+
+
+def test_the_identity_names_the_issuer_and_the_trust_bundle(tmp_path: pathlib.Path) -> None:
+    """What an anchor rotation waits on: which bundle the proxy trusts, which issuer signed it."""
+    mesh, other = Mesh(), Mesh()
+    certified = mesh.workload(tmp_path / "web", "web")
+    bundle = trustbundle.load(mesh.anchors + other.anchors, "test")
+    answers = admin.Admin(
+        metrics=metrics.Metrics(), certified=lambda: certified, trust=lambda: bundle
+    )
+    found = json.loads(answers.respond("GET", "/identity").body)
+    issuer = mesh.issuer.certificate
+    assert found["issuer"] == {
+        "subject": "CN=issuer.identity.meshward.cluster.local",
+        "fingerprint": "sha256:" + issuer.fingerprint(hashes.SHA256()).hex(),
+    }
+    assert (
+        datetime.datetime.fromisoformat(found["not_before"]) == certified.leaf.not_valid_before_utc
+    )
+    trust = found["trust_bundle"]
+    assert trust["fingerprint"] == trustbundle.fingerprint(pki.load_certificates(bundle.pem))
+    anchors = pki.load_certificates(bundle.pem)
+    assert trust["anchors"] == [
+        {
+            "subject": "CN=root.identity.meshward.cluster.local",
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "fingerprint": "sha256:" + cert.fingerprint(hashes.SHA256()).hex(),
+        }
+        for cert in anchors
+    ]
 
 
 def test_an_expired_certificate_is_not_ready(tmp_path: pathlib.Path) -> None:

@@ -52,7 +52,12 @@ class Proxy:
         app_port: int | None = None,
         peer: tuple[int, str] | None = None,
         pod: str = "web-0",
+        trust_roots: pathlib.Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """With ``trust_roots`` (a mounted trust-roots ConfigMap's directory) the proxy follows
+        the bundle file there, as injected proxies do; without, it gets the identity service's
+        anchors as PEM in its environment. ``env`` adds or overrides variables."""
         self.dir = tmp
         (tmp / "identity").mkdir(parents=True)
         (tmp / "token").write_text(token)
@@ -85,6 +90,12 @@ class Proxy:
                 f"{self.outbound_port}={identity}@127.0.0.1:{port}"
             )
         self.env["MESHWARD_PROXY_POD_NAME"] = pod
+        if trust_roots is not None:
+            del self.env["MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS"]
+            self.env["MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS_FILE"] = str(
+                trust_roots / "ca-bundle.crt"
+            )
+        self.env.update(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> Proxy:

@@ -9,11 +9,13 @@ import pathlib
 from collections.abc import Callable
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshward.errors import ConfigError
 from meshward.identity import pki
 from meshward.proxy import settings
 from meshward.proxy.settings import Address
+from tests import test_bundle
 
 LOCAL_NAME = "web.emojivoto.serviceaccount.identity.meshward.cluster.local"
 SVC_NAME = "meshward-identity.meshward.serviceaccount.identity.meshward.cluster.local"
@@ -27,6 +29,9 @@ REQUIRED = [
     settings.IDENTITY_SVC_NAME,
     settings.POD_NAME,
 ]
+MISSING = {settings.TRUST_ANCHORS: settings.TRUST_ANCHORS_FILE}
+"""Required variables whose absence is reported under another name: with neither trust anchor
+variable set, the message asks for the file (what injected pods use) and names the PEM too."""
 LISTENERS = {
     settings.INBOUND_LISTEN_ADDR: "inbound",
     settings.OUTBOUND_LISTEN_ADDR: "outbound",
@@ -173,8 +178,9 @@ def test_each_required_variable_missing(env: dict[str, str], var: str, how: str)
     else:
         env[var] = "" if how == "empty" else " \n"
     message = problem(env)
-    assert f"{var} is not set" in message
-    assert f"e.g. {settings.EXAMPLES[var]}" in message
+    named = MISSING.get(var, var)
+    assert f"{named} is not set" in message
+    assert f"e.g. {settings.EXAMPLES[named]}" in message
     assert "problems" not in message  # exactly one
     for other in REQUIRED:
         if other != var:
@@ -185,7 +191,7 @@ def test_everything_missing_names_every_variable() -> None:
     message = problem({})
     assert message.startswith("proxy configuration has 8 problems:")
     for var in REQUIRED:
-        assert f"{var} is not set" in message
+        assert f"{MISSING.get(var, var)} is not set" in message
     assert f"no policy source: set {settings.POLICY_FILE}" in message
     for var in LISTENERS:
         assert var not in message  # optional
@@ -203,6 +209,26 @@ KEY_PEM = (
     "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n"
     "-----END PRIVATE KEY-----\n"
 )
+
+
+def _leaf_pem() -> str:
+    anchor, anchor_key = pki.new_trust_anchor("cluster.local", datetime.timedelta(days=1))
+    cert, key = pki.new_issuer(anchor, anchor_key, "cluster.local", datetime.timedelta(hours=1))
+    issuer = pki.Issuer(certificate=cert, key=key)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = pki.sign_leaf(
+        issuer, leaf_key.public_key(), pki.Identity("apps", "web", "cluster.local")
+    )
+    return pki.to_pem(leaf).decode()
+
+
+def _expired_pem() -> str:
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    anchor, _ = pki.new_trust_anchor("cluster.local", datetime.timedelta(days=1), now=long_ago)
+    return pki.to_pem(anchor).decode()
+
+
+LEAF_PEM, EXPIRED_PEM = _leaf_pem(), _expired_pem()
 
 
 def _file(env: dict[str, str], tmp_path: pathlib.Path) -> str:
@@ -231,6 +257,12 @@ MALFORMED: list[tuple[str, Value, str]] = [
     (settings.TRUST_ANCHORS, KEY_PEM, "holds no '-----BEGIN CERTIFICATE-----' block"),
     (settings.TRUST_ANCHORS, "/var/run/meshward/anchors.pem", "looks like a path"),
     (settings.TRUST_ANCHORS, lambda env, _: env[settings.TRUST_ANCHORS][:300], "does not parse"),
+    (settings.TRUST_ANCHORS, lambda _, __: LEAF_PEM, "which is not a CA"),
+    (settings.TRUST_ANCHORS, lambda _, __: EXPIRED_PEM, "every anchor has expired"),
+    (settings.RENEW_JITTER, "soon", "is not a number of seconds"),
+    (settings.RENEW_JITTER, "-1", "is not between 0 and 300 seconds"),
+    (settings.RENEW_JITTER, "301", "is not between 0 and 300 seconds"),
+    (settings.RENEW_JITTER, "nan", "is not between 0 and 300 seconds"),
     (settings.LOCAL_NAME, "web.emojivoto", "is not of the form <sa>.<ns>.serviceaccount"),
     (settings.LOCAL_NAME, "web.emojivoto.svc.cluster.local", "is not of the form"),
     (settings.LOCAL_NAME, "spiffe://cluster.local/ns/emojivoto/sa/web", "is not of the form"),
@@ -446,6 +478,8 @@ def test_address_renders_as_written() -> None:
 def test_module_docstring_lists_every_variable() -> None:
     doc = settings.__doc__ or ""
     optional = [
+        settings.TRUST_ANCHORS_FILE,
+        settings.RENEW_JITTER,
         settings.POLICY_FILE,
         settings.POLICY_SVC_ADDR,
         settings.POLICY_SVC_NAME,
@@ -545,3 +579,91 @@ def test_local_listeners_clash_with_each_other_and_the_admin(env: dict[str, str]
     env[settings.LOCAL_INBOUND] = "4191=8080"
     message = problem(env)
     assert settings.ADMIN_LISTEN_ADDR in message and "would listen on the same port" in message
+
+
+# -- the trust bundle from a mounted file, and the renewal jitter ------------------------------
+
+
+@pytest.fixture
+def mounted(env: dict[str, str], tmp_path: pathlib.Path, anchors: bytes) -> pathlib.Path:
+    """The environment switched to the trust bundle file, mounted as the kubelet mounts it."""
+    volume = test_bundle.ConfigMapVolume(tmp_path / "trust-roots")
+    volume.write({"ca-bundle.crt": anchors.decode()})
+    del env[settings.TRUST_ANCHORS]
+    env[settings.TRUST_ANCHORS_FILE] = str(volume.directory / "ca-bundle.crt")
+    return volume.directory / "ca-bundle.crt"
+
+
+def test_the_trust_bundle_from_a_mounted_file(
+    env: dict[str, str], mounted: pathlib.Path, anchors: bytes
+) -> None:
+    found = settings.from_env(env)
+    assert found.trust_anchors_file == mounted
+    assert found.trust_anchors == anchors  # as read at start; the proxy follows the file
+
+
+def test_the_trust_bundle_from_the_environment_is_fixed(env: dict[str, str]) -> None:
+    assert settings.from_env(env).trust_anchors_file is None
+
+
+def test_both_trust_anchor_variables_are_refused(
+    env: dict[str, str], mounted: pathlib.Path, anchors: bytes
+) -> None:
+    env[settings.TRUST_ANCHORS] = anchors.decode()
+    message = problem(env)
+    assert message.startswith(
+        f"proxy configuration: {settings.TRUST_ANCHORS} and {settings.TRUST_ANCHORS_FILE} are "
+        "both set: unset one"
+    )
+
+
+def _write(content: str) -> Callable[[pathlib.Path], str]:
+    def write(tmp_path: pathlib.Path) -> str:
+        path = tmp_path / "bundle.crt"
+        path.write_text(content)
+        return str(path)
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (lambda tmp: str(tmp / "nope" / "ca-bundle.crt"), "does not exist"),
+        (lambda tmp: str(tmp), "is a directory: name the ca-bundle.crt file inside it"),
+        (lambda _: EXPIRED_PEM, "holds PEM text, not a path (PEM text goes in"),
+        (_write(""), "is not a usable trust bundle (the file is empty"),
+        (_write("garbage"), "is not a usable trust bundle (the file is not a PEM certificate"),
+        (_write(LEAF_PEM), "which is not a CA (basicConstraints CA=false)"),
+        (_write(EXPIRED_PEM), "every anchor has expired"),
+    ],
+    ids=["missing", "directory", "pem-text", "empty", "garbage", "leaf", "expired"],
+)
+def test_an_unusable_trust_bundle_file(
+    env: dict[str, str],
+    mounted: pathlib.Path,
+    tmp_path: pathlib.Path,
+    value: Callable[[pathlib.Path], str],
+    says: str,
+) -> None:
+    env[settings.TRUST_ANCHORS_FILE] = value(tmp_path)
+    message = problem(env)
+    assert message.startswith(f"proxy configuration: {settings.TRUST_ANCHORS_FILE}")
+    assert says in message
+    assert f"e.g. {settings.EXAMPLES[settings.TRUST_ANCHORS_FILE]}" in message
+
+
+def test_an_expired_anchor_beside_a_current_one_is_fine(
+    env: dict[str, str], anchors: bytes
+) -> None:
+    env[settings.TRUST_ANCHORS] = EXPIRED_PEM + anchors.decode()
+    assert len(pki.load_certificates(settings.from_env(env).trust_anchors)) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [(None, 5.0), ("0", 0.0), ("2.5", 2.5), ("30s", 30.0)]
+)
+def test_the_renewal_jitter(env: dict[str, str], value: str | None, seconds: float) -> None:
+    if value is not None:
+        env[settings.RENEW_JITTER] = value
+    assert settings.from_env(env).renew_jitter == seconds

@@ -3,13 +3,19 @@
     GET /live       200 while the process runs
     GET /ready      200 once the proxy holds a certificate, 503 before (and after it expired)
     GET /metrics    Prometheus text (see :mod:`meshward.proxy.metrics`)
-    GET /identity   JSON: identity name, SPIFFE ID, expiry and seconds left; 503 without one
+    GET /identity   JSON: identity name, SPIFFE ID, validity and seconds left, the leaf's
+                    issuer, and the trust bundle in force; 503 without a certificate
     GET /identity?format=pem   the certificate chain the proxy presents, PEM (public material
                     only: the key never leaves key.p8)
 
 Four read-only endpoints do not need a web framework: this is a small asyncio server that reads
 one request head (at most 8 KiB, within 5 s), answers it and closes the connection, which keeps
 the proxy's memory small and its surface obvious. Anything else gets 404, 405 or 400.
+
+``/identity`` is also what an anchor rotation waits on: ``trust_bundle.fingerprint`` says which
+bundle the proxy has loaded (:func:`meshward.trustbundle.fingerprint`, the same value the
+operator computes from the ConfigMap) and ``issuer.fingerprint`` which issuer signed its leaf
+(:func:`meshward.trustbundle.certificate_fingerprint` of the issuer certificate).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 from collections.abc import Callable
 
+from meshward import trustbundle
 from meshward.proxy import identity, metrics
 
 logger = logging.getLogger(__name__)
@@ -62,10 +69,13 @@ class Admin:
         *,
         metrics: metrics.Metrics,
         certified: Callable[[], identity.Certified | None],
+        trust: Callable[[], trustbundle.Bundle] | None = None,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
     ) -> None:
+        """``trust`` gives the trust bundle in force (None: not reported)."""
         self._metrics = metrics
         self._certified = certified
+        self._trust = trust
         self._now = now
 
     def respond(self, method: str, target: str) -> Response:
@@ -105,14 +115,34 @@ class Admin:
             return Response(503, b"no certificate yet\n")
         if query == "format=pem":
             return Response(200, certified.chain_pem(), "application/x-pem-file")
-        body = {
+        issuer = certified.issuer
+        body: dict[str, object] = {
             "identity": certified.identity.dns_name,
             "spiffe_id": certified.identity.spiffe_id,
-            "not_before": certified.leaf.not_valid_before_utc.isoformat(),
+            "not_before": certified.not_before.isoformat(),
             "not_after": certified.not_after.isoformat(),
             "seconds_left": int((certified.not_after - self._now()).total_seconds()),
             "serial": format(certified.leaf.serial_number, "x"),
+            "issuer": {
+                "subject": certified.leaf.issuer.rfc4514_string(),
+                "fingerprint": (
+                    trustbundle.certificate_fingerprint(issuer) if issuer is not None else None
+                ),
+            },
         }
+        if self._trust is not None:
+            bundle = self._trust()
+            body["trust_bundle"] = {
+                "fingerprint": bundle.fingerprint,
+                "anchors": [
+                    {
+                        "subject": anchor.subject,
+                        "not_after": anchor.not_after.isoformat(),
+                        "fingerprint": anchor.fingerprint,
+                    }
+                    for anchor in bundle.describe()
+                ],
+            }
         return Response(200, json.dumps(body, indent=2).encode() + b"\n", "application/json")
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -16,6 +16,10 @@ Names follow Linkerd's proxy where it has one, so existing dashboards and alerts
     tcp_refused_source_limit_total     by direction: closed at once, the most undecided
                                        connections from that source address open
     identity_cert_expiration_timestamp_seconds, identity_cert_refresh_total
+    identity_trust_bundle_info         1, labelled with the fingerprint of the trust bundle in
+                                       force (meshward.trustbundle.fingerprint)
+    identity_trust_bundle_reloads_total  by result: ok (a new bundle took effect) or invalid (a
+                                       changed bundle file was refused, the old bundle kept)
     policy_updates_total
 
 Which counter a decision lands in follows what was decided, so that both outcomes on a port
@@ -47,7 +51,7 @@ Each proxy owns its registry, so several proxies (and tests) in one process neve
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import prometheus_client
 
@@ -70,6 +74,7 @@ _AUTHZ_LABELS = (
 )
 
 Direction = Literal["inbound", "outbound"]
+ReloadResult = Literal["ok", "invalid"]
 
 
 class Metrics:
@@ -130,6 +135,29 @@ class Metrics:
             "When the current workload certificate expires (0: none held)",
             registry=r,
         )
+
+        self._bundle_info = prometheus_client.Gauge(
+            "identity_trust_bundle_info",
+            "The trust bundle in force, by fingerprint (sha256 over its anchors' sorted DER)",
+            ["fingerprint"],
+            registry=r,
+        )
+        self._bundle_reloads = prometheus_client.Counter(
+            "identity_trust_bundle_reloads",
+            "Changes of the mounted trust bundle: taken into effect (ok) or refused (invalid)",
+            ["result"],
+            registry=r,
+        )
+        for result in get_args(ReloadResult):
+            self._bundle_reloads.labels(result)  # both series exist from the start, at 0
+
+    def trust_bundle(self, fingerprint: str) -> None:
+        """The bundle in force is now the one with ``fingerprint`` (the only series, at 1)."""
+        self._bundle_info.clear()
+        self._bundle_info.labels(fingerprint).set(1)
+
+    def bundle_reloaded(self, result: ReloadResult) -> None:
+        self._bundle_reloads.labels(result).inc()
 
     def certificate_expiry(self, seconds: Callable[[], float]) -> None:
         """Read the certificate's expiry at each scrape (a Unix time; 0 while none is held)."""

@@ -91,6 +91,12 @@ class StreamSource:
     def current(self) -> decision.Policy | None:
         return self._policy
 
+    def trust(self, anchors: bytes) -> None:
+        """Verify the server against ``anchors`` (PEM) from the next stream on; the open stream
+        stays up (it was verified when it was opened)."""
+        pki.load_certificates(anchors, what="trust anchors")
+        self._anchors = anchors
+
     @property
     def document(self) -> compiled.PolicyDocument | None:
         return self._document

@@ -8,6 +8,9 @@ Wiring, in start order:
 1. :class:`~meshward.proxy.identity.WorkloadIdentity` makes the key and keeps a certificate;
    each new certificate first becomes a fresh set of TLS contexts (:class:`Contexts`), which new
    connections take while live ones keep theirs.
+   :class:`~meshward.proxy.trust_roots.TrustRoots` follows the mounted trust bundle: a new one
+   rebuilds the contexts the same way, becomes the anchors of the identity and policy channels
+   for their next connection, and may bring a renewal forward.
 2. The policy source (a file, or the policy service) follows the namespace's compiled document;
    each update is handed to the inbound side, which closes live connections it no longer allows.
 3. Local mode listeners: one inbound listener per ``LISTEN_PORT=APP_PORT`` entry, one outbound
@@ -35,7 +38,7 @@ from typing import TypeVar
 import uvloop
 from cryptography.hazmat.primitives import serialization
 
-from meshward import errors
+from meshward import errors, trustbundle
 from meshward.identity import pki
 from meshward.policy import decision
 from meshward.proxy import (
@@ -50,6 +53,7 @@ from meshward.proxy import (
     settings,
     tls,
     transparent,
+    trust_roots,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,7 +62,8 @@ _T = TypeVar("_T")
 
 
 class Contexts:
-    """TLS contexts for the certificate currently held; rebuilt once per new certificate."""
+    """TLS contexts for the certificate currently held and the trust bundle in force; rebuilt
+    once per new certificate and once per new bundle."""
 
     def __init__(
         self,
@@ -67,14 +72,17 @@ class Contexts:
     ) -> None:
         self._config = config
         self._now = now
+        self._anchors = config.trust_anchors
         self._certified: identity.Certified | None = None
         self._server_mtls: ssl.SSLContext | None = None
         self._server_optional: ssl.SSLContext | None = None
         self._client: ssl.SSLContext | None = None
 
-    def update(self, certified: identity.Certified) -> None:
-        """Build contexts for ``certified``; raises (keeping the old ones) if that fails."""
-        directory, anchors = self._config.identity_dir, self._config.trust_anchors
+    def update(self, certified: identity.Certified, anchors: bytes | None = None) -> None:
+        """Build contexts for ``certified`` trusting ``anchors`` (default: the bundle in force);
+        raises (keeping the old ones) if that fails."""
+        directory = self._config.identity_dir
+        anchors = self._anchors if anchors is None else anchors
         server_mtls = tls.server_context(directory, certified, anchors)
         server_optional = tls.server_context(
             directory, certified, anchors, require_client_certificate=False
@@ -86,6 +94,14 @@ class Contexts:
             client,
         )
         self._certified = certified
+        self._anchors = anchors
+
+    def retrust(self, anchors: bytes) -> None:
+        """Trust ``anchors`` (PEM) in new handshakes; live connections keep their contexts."""
+        if self._certified is None:
+            self._anchors = anchors
+        else:
+            self.update(self._certified, anchors)
 
     @property
     def certified(self) -> identity.Certified | None:
@@ -115,6 +131,7 @@ class Running:
     config: settings.ProxySettings
     identity: identity.WorkloadIdentity
     contexts: Contexts
+    trust: trust_roots.TrustRoots
     metrics: metrics.Metrics
     source: PolicySource
     inbound: inbound.Inbound
@@ -178,6 +195,7 @@ async def start(config: settings.ProxySettings) -> Running:
         proxy_metrics.cert_refresh.inc()
 
     workload = identity.WorkloadIdentity(config, on_certified=certified)
+    bundle = trustbundle.load(config.trust_anchors, "the trust anchors")
     proxy_metrics.certificate_expiry(
         lambda: held.not_after.timestamp() if (held := contexts.certified) else 0.0
     )
@@ -204,6 +222,20 @@ async def start(config: settings.ProxySettings) -> Running:
 
     source = _policy_source(config, policy_updated, contexts, key_pem)
 
+    def retrusted(fresh: trustbundle.Bundle) -> None:
+        contexts.retrust(fresh.pem)
+        workload.retrust(fresh)
+        if isinstance(source, policy_stream.StreamSource):
+            source.trust(fresh.pem)
+
+    roots = trust_roots.TrustRoots(
+        bundle,
+        config.trust_anchors_file,
+        on_bundle=retrusted,
+        on_renew_before=workload.renew_leaves_before,
+        metrics=proxy_metrics,
+    )
+
     def placed() -> decision.Policy | None:
         """The policy, once it knows this pod: until the operator has added the pod (with its
         labels, which Servers select by) to the document, no decision could see which Servers
@@ -222,7 +254,9 @@ async def start(config: settings.ProxySettings) -> Running:
     )
     holder.append(inbound_side)
     outbound_side = outbound.Outbound(client_context=contexts.client, metrics=proxy_metrics)
-    answers = admin.Admin(metrics=proxy_metrics, certified=lambda: contexts.certified)
+    answers = admin.Admin(
+        metrics=proxy_metrics, certified=lambda: contexts.certified, trust=lambda: roots.current
+    )
 
     closers: list[Callable[[], Awaitable[None]]] = []
     tasks: list[asyncio.Task[None]] = []
@@ -230,6 +264,7 @@ async def start(config: settings.ProxySettings) -> Running:
         config=config,
         identity=workload,
         contexts=contexts,
+        trust=roots,
         metrics=proxy_metrics,
         source=source,
         inbound=inbound_side,
@@ -243,6 +278,7 @@ async def start(config: settings.ProxySettings) -> Running:
     try:
         tasks.append(loop.create_task(workload.run(), name="identity"))
         tasks.append(loop.create_task(source.run(), name="policy"))
+        tasks.append(loop.create_task(roots.run(), name="trust-roots"))
         for entry in config.local_inbound:
             bound = await _bind(
                 f"inbound {entry.listen}",

@@ -1,11 +1,18 @@
 """The proxy's settings, from environment variables named after Linkerd's ``LINKERD2_PROXY_*``.
 
     MESHWARD_PROXY_IDENTITY_DIR            existing directory the proxy writes its key (key.p8) to
+    MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS_FILE
+                                           the mounted trust bundle (the meshward-identity-
+                                           trust-roots ConfigMap's ca-bundle.crt), followed
+                                           as it changes; or instead, fixed for the run:
     MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS  PEM text (not a path) of one or more trust anchors
     MESHWARD_PROXY_IDENTITY_TOKEN_FILE     projected ServiceAccount token, re-read at each renewal
     MESHWARD_PROXY_IDENTITY_LOCAL_NAME     <sa>.<ns>.serviceaccount.identity.meshward.<td>
     MESHWARD_PROXY_IDENTITY_SVC_ADDR       identity service host:port
     MESHWARD_PROXY_IDENTITY_SVC_NAME       DNS name the identity service's certificate carries
+    MESHWARD_PROXY_IDENTITY_RENEW_JITTER   the longest random delay, in seconds, before an
+                                           early renewal the trust-roots ConfigMap asks for
+                                           (renew-leaves-before), default 5
     MESHWARD_PROXY_INBOUND_LISTEN_ADDR     inbound listener, default 0.0.0.0:4143
     MESHWARD_PROXY_OUTBOUND_LISTEN_ADDR    outbound listener, default 127.0.0.1:4140
     MESHWARD_PROXY_ADMIN_LISTEN_ADDR       admin listener (metrics, probes), default 0.0.0.0:4191
@@ -21,8 +28,10 @@
                                            default the private ranges (10/8, 100.64/10,
                                            172.16/12, 192.168/16, fd00::/8)
 
-The first six are required, the pod's name, and one policy source: a file, or the service's
-address and name.
+The identity variables are required (exactly one of the two trust anchor variables), the pod's
+name, and one policy source: a file, or the service's address and name. The trust bundle must
+hold only CA certificates, not all expired (:func:`meshward.trustbundle.load`); from a file, the
+proxy watches it and the ``renew-leaves-before`` file beside it (:mod:`meshward.proxy.trust_roots`).
 Local mode (no pods, no interception) maps ports explicitly: each inbound entry listens on the
 inbound listener's host at LISTEN_PORT, forwards allowed connections to 127.0.0.1:APP_PORT, and
 is decided as a connection to APP_PORT; each outbound entry takes plaintext on the outbound
@@ -43,18 +52,22 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
+import math
 import os
 import pathlib
 import re
 from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
+from meshward import trustbundle
 from meshward.errors import ConfigError, IdentityError
 from meshward.identity import pki
 from meshward.proxy import transparent
 
 IDENTITY_DIR = "MESHWARD_PROXY_IDENTITY_DIR"
 TRUST_ANCHORS = "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS"
+TRUST_ANCHORS_FILE = "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS_FILE"
+RENEW_JITTER = "MESHWARD_PROXY_IDENTITY_RENEW_JITTER"
 TOKEN_FILE = "MESHWARD_PROXY_IDENTITY_TOKEN_FILE"
 LOCAL_NAME = "MESHWARD_PROXY_IDENTITY_LOCAL_NAME"
 IDENTITY_SVC_ADDR = "MESHWARD_PROXY_IDENTITY_SVC_ADDR"
@@ -73,6 +86,8 @@ MESH_NETWORKS = "MESHWARD_PROXY_OUTBOUND_MESH_NETWORKS"
 EXAMPLES = {
     IDENTITY_DIR: "/var/run/meshward/identity/end-entity",
     TRUST_ANCHORS: "-----BEGIN CERTIFICATE-----\\n...\\n-----END CERTIFICATE-----",
+    TRUST_ANCHORS_FILE: "/var/run/meshward/trust-roots/ca-bundle.crt",
+    RENEW_JITTER: "5",
     TOKEN_FILE: "/var/run/secrets/tokens/meshward-identity-token",
     LOCAL_NAME: "web.emojivoto.serviceaccount.identity.meshward.cluster.local",
     IDENTITY_SVC_ADDR: "meshward-identity.meshward.svc:8080",
@@ -100,6 +115,8 @@ _PORT = re.compile(r"[0-9]{1,5}")
 # A JWS in compact form: its header is base64url JSON, so it starts with "eyJ" ('{"').
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
+DEFAULT_RENEW_JITTER = 5.0
+MAX_RENEW_JITTER = 300.0
 
 _T = TypeVar("_T")
 
@@ -157,7 +174,8 @@ class ProxySettings:
 
     identity_dir: pathlib.Path
     trust_anchors: bytes
-    """PEM text of the trust anchors, as given; at least one certificate."""
+    """PEM text of the trust anchors at start (from the variable, or the file's contents then);
+    a checked bundle (:func:`meshward.trustbundle.load`)."""
     token_file: pathlib.Path
     """Re-read at every renewal: projected tokens rotate."""
     local_name: str
@@ -179,6 +197,11 @@ class ProxySettings:
     local_outbound: tuple[LocalOutbound, ...] = ()
     mesh_networks: tuple[transparent.Network, ...] = transparent.parse_mesh_networks("")
     """Transparent mode: where outbound connections go over mTLS."""
+    trust_anchors_file: pathlib.Path | None = None
+    """Where the trust bundle is mounted, followed as it changes; None: the anchors are fixed."""
+    renew_jitter: float = DEFAULT_RENEW_JITTER
+    """The longest random delay, in seconds, before an early renewal asked for by
+    ``renew-leaves-before``, so that a namespace of proxies does not renew at one instant."""
 
     @property
     def transparent(self) -> bool:
@@ -223,7 +246,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         return read(var, lambda value: _address(value, listen=True))
 
     identity_dir = read(IDENTITY_DIR, _identity_dir)
-    trust_anchors = read(TRUST_ANCHORS, _trust_anchors)
+    trust_anchors, trust_anchors_file = _trust_source(env, read, problems)
     token_file = read(TOKEN_FILE, _token_file)
     identity = read(LOCAL_NAME, _local_name)
     svc_addr = read(IDENTITY_SVC_ADDR, lambda value: _address(value, listen=False))
@@ -246,6 +269,9 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
     mesh_networks = transparent.parse_mesh_networks("")
     if env.get(MESH_NETWORKS, "").strip():
         mesh_networks = read(MESH_NETWORKS, _mesh_networks) or mesh_networks
+    renew_jitter: float | None = DEFAULT_RENEW_JITTER
+    if env.get(RENEW_JITTER, "").strip():
+        renew_jitter = read(RENEW_JITTER, _renew_jitter)
     named = list(listeners.items())
     named += [(LOCAL_INBOUND, entry.listen) for entry in local_inbound]
     named += [(LOCAL_OUTBOUND, entry.listen) for entry in local_outbound]
@@ -269,6 +295,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
     assert identity is not None and svc_addr is not None and svc_name is not None
     inbound, outbound, admin = listeners.values()
     assert inbound is not None and outbound is not None and admin is not None
+    assert renew_jitter is not None
     return ProxySettings(
         identity_dir=identity_dir,
         trust_anchors=trust_anchors,
@@ -287,7 +314,38 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         local_inbound=local_inbound,
         local_outbound=local_outbound,
         mesh_networks=mesh_networks,
+        trust_anchors_file=trust_anchors_file,
+        renew_jitter=renew_jitter,
     )
+
+
+def _trust_source(
+    env: Mapping[str, str], read: _Read, problems: list[str]
+) -> tuple[bytes | None, pathlib.Path | None]:
+    """Exactly one of the trust anchor variables: the PEM (fixed) or the mounted file
+    (followed). Returns the anchors' PEM and the file, if that is the source."""
+    pem_given = bool(env.get(TRUST_ANCHORS, "").strip())
+    file_given = bool(env.get(TRUST_ANCHORS_FILE, "").strip())
+    if pem_given and file_given:
+        problems.append(
+            f"{TRUST_ANCHORS} and {TRUST_ANCHORS_FILE} are both set: unset one ("
+            f"{TRUST_ANCHORS_FILE} follows the mounted ConfigMap as it changes, "
+            f"{TRUST_ANCHORS} is fixed for the proxy's life)"
+        )
+        return None, None
+    if not pem_given and not file_given:
+        problems.append(
+            f"{TRUST_ANCHORS_FILE} is not set: set it to {_describe(TRUST_ANCHORS_FILE)}, "
+            f"or set {TRUST_ANCHORS} to {_describe(TRUST_ANCHORS)}"
+        )
+        return None, None
+    if pem_given:
+        return read(TRUST_ANCHORS, _trust_anchors), None
+    found = read(TRUST_ANCHORS_FILE, _trust_anchors_file)
+    if found is None:
+        return None, None
+    path, pem = found
+    return pem, path
 
 
 def _policy_source(
@@ -383,9 +441,43 @@ def _trust_anchors(value: str) -> bytes:
             detail = e.__cause__ or e
             raise _Invalid(f"holds a certificate that does not parse ({detail})") from None
         if value.startswith(("/", "./", "~")) or value.endswith((".pem", ".crt")):
-            raise _Invalid("looks like a path") from None
+            raise _Invalid(f"looks like a path (a path goes in {TRUST_ANCHORS_FILE})") from None
         raise _Invalid("holds no '-----BEGIN CERTIFICATE-----' block") from None
+    try:
+        trustbundle.load(pem, "the bundle")
+    except IdentityError as e:
+        raise _Invalid(f"is not a usable trust bundle ({e})") from None
     return pem
+
+
+def _trust_anchors_file(value: str) -> tuple[pathlib.Path, bytes]:
+    if "-----BEGIN" in value:
+        raise _Invalid(f"holds PEM text, not a path (PEM text goes in {TRUST_ANCHORS})")
+    path = pathlib.Path(value)
+    if not path.exists():
+        raise _Invalid("does not exist")
+    if path.is_dir():
+        raise _Invalid(f"is a directory: name the {trustbundle.ANCHORS_KEY} file inside it")
+    try:
+        pem = path.read_bytes()
+    except OSError as e:
+        raise _Invalid(f"can not be read ({e.strerror})") from None
+    try:
+        trustbundle.load(pem, "the file")
+    except IdentityError as e:
+        raise _Invalid(f"is not a usable trust bundle ({e})") from None
+    return path, pem
+
+
+def _renew_jitter(value: str) -> float:
+    text = value.strip().removesuffix("s")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise _Invalid("is not a number of seconds") from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_RENEW_JITTER:
+        raise _Invalid(f"is not between 0 and {MAX_RENEW_JITTER:g} seconds")
+    return seconds
 
 
 def _token_file(value: str) -> pathlib.Path:
@@ -503,6 +595,9 @@ def _svc_name(value: str) -> str:
 _DESCRIPTIONS = {
     IDENTITY_DIR: "an existing directory the proxy can write its key (key.p8) to",
     TRUST_ANCHORS: "the PEM text (not a path) of one or more trust anchor certificates",
+    TRUST_ANCHORS_FILE: "the path of the mounted trust bundle (the meshward-identity-trust-roots "
+    "ConfigMap's ca-bundle.crt)",
+    RENEW_JITTER: f"a number of seconds from 0 to {MAX_RENEW_JITTER:g} (or unset it)",
     TOKEN_FILE: "the path of the pod's projected ServiceAccount token (audience "
     "identity.meshward.io)",
     LOCAL_NAME: "the pod's identity, <sa>.<ns>.serviceaccount.identity.meshward.<trust-domain>, "
