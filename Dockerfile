@@ -5,7 +5,7 @@
 #   meshward policy serve        the policy server
 #   meshward proxy               the sidecar proxy (the injector's proxy container)
 #   meshward proxy-init          the iptables rules (the injector's init container)
-# Build: docker build -t ghcr.io/meshward/proxy:0.1.0 .   (the tag the injector puts in pods)
+# Build: docker build -t ghcr.io/meshward/meshward:0.1.0 .   (the tag the injector puts in pods)
 #
 # The builder installs exactly the pins of requirements.lock, each file checked against its hash,
 # and builds the meshward wheel with the setuptools that requirements-build.lock pins; both locks

@@ -134,6 +134,12 @@ def _policy_explain(args: argparse.Namespace) -> int:
     return explain.main(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from meshward.demo import _run
+
+    return _run.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshward", description="Service-mesh identity and authorization for Kubernetes."
@@ -231,6 +237,52 @@ def build_parser() -> argparse.ArgumentParser:
     from meshward.policyserver import commands as policy_commands
 
     policy_commands.add_arguments(serve)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the namespace-jail lockdown on an embedded control plane, before and after",
+        description="Start a local control plane, the operator, the identity service and the "
+        "policy server, an emojivoto-like app in namespace emojivoto and an outsider in another, "
+        "all meshed; call between them, apply samples/namespace-jail-server-authorization.yaml "
+        "with kubectl, call again, and print each call's expected and observed outcome and the "
+        "deciding rule. Exit status 0 when every call did what was expected. Everything it "
+        "starts is stopped and removed when it ends, also on Ctrl-C.",
+    )
+    from meshward import demo as demo_command
+
+    demo_command.add_arguments(demo)
+    demo.set_defaults(func=_demo)
+
+    from meshward import check, install
+
+    install.add_install_arguments(
+        sub.add_parser(
+            "install",
+            help="render the control plane's manifests (pipe to kubectl apply -f -)",
+            description="Render CRDs, namespace, ServiceAccounts, least-privilege RBAC, the "
+            "operator, identity service and policy server, their Services, the webhook "
+            "configurations and the trust material, in apply order. On a new cluster apply "
+            "'meshward install --crds' first: kubectl can not create the TrustDomain in the "
+            "same run as its CRD.",
+        )
+    )
+    install.add_uninstall_arguments(
+        sub.add_parser(
+            "uninstall",
+            help="render what removes the control plane (pipe to kubectl delete -f -)",
+            description="Render the control plane's objects for kubectl delete; standard error "
+            "says what is kept (the CRDs unless --crds, ConfigMaps in your namespaces).",
+        )
+    )
+    check.add_arguments(
+        sub.add_parser(
+            "check",
+            help="verify an install: CRDs, API, webhooks, trust material, identity service",
+            description="Run each check and print it with a mark ([ok], [warn], [FAIL], "
+            "[skip]) and, unless it passed, a hint saying what to do. Exit status 0 when "
+            "every check passed, 1 otherwise (a warning included).",
+        )
+    )
     return parser
 
 

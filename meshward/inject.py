@@ -122,7 +122,7 @@ class Settings:
             return pki.Identity(namespace, service, trust_domain).dns_name
 
         return cls(
-            image=f"ghcr.io/meshward/proxy:{version}",
+            image=f"ghcr.io/meshward/meshward:{version}",
             version=version,
             identity_svc_addr=f"meshward-identity.{namespace}.svc:8080",
             identity_svc_name=name("meshward-identity"),

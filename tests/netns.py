@@ -6,20 +6,18 @@ with its own address on it and the bridge as its default route. Everything it ma
 are the caller's) is removed by :meth:`Network.close`, on every path.
 
 :func:`iptables` is the iptables on PATH, or else Debian's, fetched once into the per-user cache
-(``$XDG_CACHE_HOME/meshward/iptables``) and run from there, as the benchmarks fetch their tools:
-nothing is installed system-wide. :func:`skip_reason` says why these tests can not run here
-(not root, no ``ip netns``), for ``pytest.skip``.
+(``$XDG_CACHE_HOME/meshward/iptables``) and run from there (:mod:`meshward.demo._iptables`,
+which the demo's transparent mode uses too). :func:`skip_reason` says why these tests can not
+run here (not root, no ``ip netns``), for ``pytest.skip``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import ipaddress
 import os
-import pathlib
 import random
 import shutil
 import subprocess
@@ -27,21 +25,7 @@ import sys
 import uuid
 from collections.abc import Mapping, Sequence
 
-from meshward.devcluster import _debian
-
-PACKAGES = (
-    "iptables",
-    "libip4tc2",
-    "libip6tc2",
-    "libxtables12",
-    "libnetfilter-conntrack3",
-    "libnfnetlink0",
-    "libnftnl11",
-)
-"""iptables and the libraries it loads (its other dependencies are not needed to run it)."""
-BACKENDS = ("iptables-nft", "iptables-legacy")
-"""The fetched package's programs, in the order tried (``iptables`` itself is a link that
-Debian's alternatives system makes at install time, so an unpacked package has none)."""
+from meshward.demo import _iptables
 
 
 def skip_reason() -> str | None:
@@ -99,95 +83,11 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     return proc.stdout
 
 
-# -- iptables --------------------------------------------------------------------------------
+# -- iptables: meshward.demo._iptables (the demo's transparent mode uses the same) -----------
 
-
-@dataclasses.dataclass(frozen=True)
-class Iptables:
-    """An iptables program that works in a fresh network namespace, and how to run it."""
-
-    path: pathlib.Path
-    env: Mapping[str, str]
-    """``os.environ``, plus where a fetched copy finds its libraries and extensions."""
-
-    @property
-    def save(self) -> pathlib.Path:
-        """The matching ``iptables-save`` (``iptables-nft-save`` for ``iptables-nft``...)."""
-        return self.path.with_name(f"{self.path.name}-save")
-
-    @property
-    def ip6(self) -> pathlib.Path:
-        return self.path.with_name(self.path.name.replace("iptables", "ip6tables", 1))
-
-
-def cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(base) / "meshward" / "iptables"
-
-
-@functools.cache
-def iptables() -> Iptables:
-    """iptables from PATH, else fetched from Debian into the per-user cache (once)."""
-    on_path = shutil.which("iptables")
-    if on_path is not None:
-        return _working([pathlib.Path(on_path)], dict(os.environ))
-    root = cache_dir() / "root"
-    _fetch_once(root)
-    env = dict(os.environ)
-    (libs,) = root.glob("usr/lib/*-linux-gnu")
-    env["LD_LIBRARY_PATH"] = ":".join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH", "")]))
-    env["XTABLES_LIBDIR"] = str(libs / "xtables")
-    return _working([root / "usr" / "sbin" / name for name in BACKENDS], env)
-
-
-def _working(candidates: Sequence[pathlib.Path], env: dict[str, str]) -> Iptables:
-    """The first candidate that can list the nat table in a fresh namespace."""
-    problems = []
-    for path in candidates:
-        name = f"mw-probe-{uuid.uuid4().hex[:6]}"
-        run(["ip", "netns", "add", name])
-        try:
-            run(["ip", "netns", "exec", name, str(path), "-t", "nat", "-S"], env)
-        except AssertionError as exc:
-            problems.append(str(exc))
-            continue
-        finally:
-            run(["ip", "netns", "del", name])
-        return Iptables(path, env)
-    raise AssertionError("no iptables works in a network namespace here: " + "; ".join(problems))
-
-
-def _fetch_once(root: pathlib.Path) -> None:
-    if (root / ".complete").is_file():
-        return
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with (root.parent / ".fetch.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / ".complete").is_file():
-            _fetch(root)
-
-
-def _fetch(root: pathlib.Path) -> None:
-    work = root.parent / "fetch"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "debs").mkdir(parents=True)
-    log = work / "fetch.log"
-    apt = _debian.Apt.create(work / "apt", (("deb", "bookworm"),), log)
-    apt.update()
-    staging = work / "root"
-    for package in PACKAGES:
-        _debian.run(
-            f"download {package}",
-            ["apt-get", *apt.options, "download", package],
-            cwd=work / "debs",
-            log=log,
-        )
-        (deb,) = (work / "debs").glob(f"{package}_*.deb")
-        _debian.run(f"unpack {package}", ["dpkg-deb", "-x", str(deb), str(staging)], log=log)
-    (staging / ".complete").write_text("\n".join(PACKAGES) + "\n")
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
-    shutil.rmtree(work, ignore_errors=True)
+Iptables = _iptables.Iptables
+iptables = _iptables.iptables
+cache_dir = _iptables.cache_dir
 
 
 # -- pods and the network between them ---------------------------------------------------------

@@ -145,7 +145,7 @@ def test_the_proxy_container_exactly() -> None:
     proxy = container(injected(pod()), "meshward-proxy")
     assert proxy == {
         "name": "meshward-proxy",
-        "image": "ghcr.io/meshward/proxy:1.2.3",
+        "image": "ghcr.io/meshward/meshward:1.2.3",
         "command": ["meshward", "proxy"],
         "env": [
             {
@@ -329,7 +329,7 @@ def test_the_init_container_exactly_and_last() -> None:
     assert out["spec"]["initContainers"][0] == app_init
     assert out["spec"]["initContainers"][1] == {
         "name": "meshward-init",
-        "image": "ghcr.io/meshward/proxy:1.2.3",
+        "image": "ghcr.io/meshward/meshward:1.2.3",
         "command": [
             "meshward",
             "proxy-init",
@@ -465,7 +465,7 @@ def test_the_namespace_selector() -> None:
 def test_injector_settings_default_to_the_control_plane_in_namespace_meshward() -> None:
     settings = _settings.injector_from_env({"MESHWARD_TRUST_DOMAIN": "example.org"})
     version = inject.package_version()
-    assert settings.image == f"ghcr.io/meshward/proxy:{version}"
+    assert settings.image == f"ghcr.io/meshward/meshward:{version}"
     assert settings.version == version
     assert settings.identity_svc_addr == "meshward-identity.meshward.svc:8080"
     assert settings.identity_svc_name == (

@@ -45,7 +45,7 @@ INJECT_ENV = {
 }
 """The injector's settings; each also has a flag named after its key (``--proxy-image``)."""
 INJECT_HELP = {
-    "proxy_image": "image of the proxy and init containers (default ghcr.io/meshward/proxy:"
+    "proxy_image": "image of the proxy and init containers (default ghcr.io/meshward/meshward:"
     "<meshward version>)",
     "proxy_uid": "UID the proxy runs as; its traffic is not redirected (default 2102)",
     "identity_svc_addr": "identity service host:port (default meshward-identity.meshward.svc:8080)",
