@@ -19,6 +19,10 @@
     ├── InterceptionError      transparent interception could not be installed or used
     │   └── NotRedirected      a connection reached the proxy without being redirected to it
     ├── InjectionError         a pod or manifest can not be injected with the proxy as written
+    ├── ReportError            a proxy's report of its trust state can not be taken
+    │   ├── InvalidProxyReport a report, or a published list of them, is malformed
+    │   ├── ReportAccessDenied a certificate does not entitle its holder to report for a namespace
+    │   └── TooManyProxies     a namespace already has as many pods reporting as the server keeps
     └── ConfigError            a setting is missing or malformed
 
 Messages are written for the person who has to act on them: what is wrong, then what to do.
@@ -114,6 +118,26 @@ class NotRedirected(InterceptionError):
 class InjectionError(MeshwardError):
     """A pod or manifest can not be injected as written: a bad ``meshward.io/inject`` value, a
     port or UID that collides with the proxy, or a manifest that does not parse."""
+
+
+class ReportError(MeshwardError):
+    """A proxy's report of the trust state it holds (issue 6: anchor rotation) can not be
+    taken or read."""
+
+
+class InvalidProxyReport(ReportError):
+    """A report names a malformed pod, fingerprint, time or version, or a published list of
+    reports (a ``meshward-proxies-<namespace>`` ConfigMap value) does not parse."""
+
+
+class ReportAccessDenied(ReportError):
+    """A proxy reported for a namespace its certificate does not name."""
+
+
+class TooManyProxies(ReportError):
+    """A namespace already has as many pods reporting as the policy server keeps: a new pod's
+    report is refused so that one namespace can not grow the server (or its ConfigMap) without
+    bound."""
 
 
 class ConfigError(MeshwardError):

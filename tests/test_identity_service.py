@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kubernetes import client
 
-from meshward import devcluster
+from meshward import devcluster, trustbundle
 from meshward.identity import pki
 from meshward.identity._proto import identity_pb2, identity_pb2_grpc
 from tests import kubetest
@@ -225,7 +225,15 @@ def test_happy_path(service: IdentityService, core: client.CoreV1Api, namespace:
     lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert datetime.timedelta(hours=24) <= lifetime <= datetime.timedelta(hours=24, seconds=21)
     assert response.valid_until.ToDatetime(datetime.UTC) == leaf.not_valid_after_utc
-    assert 'identity_cert_issued_total{result="ok"}' in service.metrics()
+    metrics = service.metrics()
+    assert 'identity_cert_issued_total{result="ok"}' in metrics
+    (anchor,) = anchors
+    expiry = f"{anchor.not_valid_after_utc.timestamp():.9e}"
+    fingerprint = trustbundle.certificate_fingerprint(anchor)
+    assert (
+        f'identity_trust_anchor_expiration_timestamp_seconds{{fingerprint="{fingerprint}"}} '
+        f"{expiry}" in metrics
+    )
 
 
 def test_csr_extensions_are_ignored(

@@ -145,6 +145,9 @@ def test_rbac_is_exactly_what_each_component_calls(default_docs: list[dict[str, 
         ("", "configmaps", "list", ""),
         ("", "configmaps", "watch", ""),
     }
+    assert rules(docs, "Role", "meshward-policy") == {
+        ("", "configmaps", verb, "") for verb in ("get", "create", "update", "delete")
+    }
     assert rules(docs, "ClusterRole", "meshward-operator") == OPERATOR_CLUSTER_RULES
     role = find(docs, "Role", "meshward-operator")
     assert role["metadata"]["namespace"] == "meshward"
@@ -153,6 +156,8 @@ def test_rbac_is_exactly_what_each_component_calls(default_docs: list[dict[str, 
         ("", "secrets", "create", ""),
         ("", "secrets", "update", commands.ANCHOR_SECRET),
         ("", "secrets", "update", commands.ISSUER_SECRET),
+        ("", "secrets", "update", trustdomain.NEXT_ANCHOR_SECRET),
+        ("", "secrets", "delete", trustdomain.NEXT_ANCHOR_SECRET),
     }
     roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
     assert [(d["kind"], d["metadata"]["name"]) for d in roles] == [
@@ -160,6 +165,7 @@ def test_rbac_is_exactly_what_each_component_calls(default_docs: list[dict[str, 
         ("Role", "meshward-operator"),
         ("ClusterRole", "meshward-identity"),
         ("ClusterRole", "meshward-policy"),
+        ("Role", "meshward-policy"),
     ]
     for role in roles:
         for rule in role["rules"]:
@@ -628,7 +634,9 @@ CAN_I = [
     ("meshward-identity", ("create", "events", "-n", "meshward"), False),
     ("meshward-policy", ("list", "configmaps", "--all-namespaces"), True),
     ("meshward-policy", ("watch", "configmaps", "--all-namespaces"), True),
-    ("meshward-policy", ("get", "configmaps", "-n", "meshward"), False),
+    ("meshward-policy", ("update", "configmaps", "-n", "meshward"), True),
+    ("meshward-policy", ("update", "configmaps", "-n", "default"), False),
+    ("meshward-policy", ("get", "secrets", "-n", "default"), False),
     ("meshward-policy", ("create", "configmaps", "-n", "default"), False),
     ("meshward-policy", ("get", "secrets", "-n", "meshward"), False),
     ("meshward-policy", ("create", "tokenreviews.authentication.k8s.io"), False),
@@ -637,6 +645,11 @@ CAN_I = [
     ("meshward-operator", ("update", f"secrets/{commands.ISSUER_SECRET}", "-n", "meshward"), True),
     ("meshward-operator", ("update", "secrets/someone-elses", "-n", "meshward"), False),
     ("meshward-operator", ("delete", f"secrets/{commands.ISSUER_SECRET}", "-n", "meshward"), False),
+    (
+        "meshward-operator",
+        ("delete", f"secrets/{trustdomain.NEXT_ANCHOR_SECRET}", "-n", "meshward"),
+        True,
+    ),
     ("meshward-operator", ("get", "secrets", "-n", "default"), False),
     ("meshward-operator", ("list", "secrets", "-n", "meshward"), False),
     ("meshward-operator", ("update", "configmaps", "-n", "default"), True),

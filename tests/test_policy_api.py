@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
@@ -30,12 +32,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes import client
 from kubernetes import config as kubernetes_config
 
-from meshward import devcluster
+from meshward import devcluster, errors, proxyreports
 from meshward.identity import pki
 from meshward.policy import compile as policy_compile
 from meshward.policy import compiled, decision
 from meshward.policy.resources import DefaultPolicy
-from meshward.policyserver import server
+from meshward.policyserver import publisher, server
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
 from meshward.proxy import identity, policy_stream
 from tests import builders, kubetest
@@ -644,9 +646,11 @@ async def test_a_proxy_watches_with_the_certificate_of_the_identity_service(
 
 @pytest.fixture
 def served(
-    kubeconfig: pathlib.Path, trust: pathlib.Path, tmp_path: pathlib.Path
+    kubeconfig: pathlib.Path, trust: pathlib.Path, tmp_path: pathlib.Path, control_plane: str
 ) -> Iterator[tuple[int, int]]:
-    """``meshward policy serve`` in its own process, as a pod runs it: (port, admin port)."""
+    """``meshward policy serve`` in its own process, as a pod runs it: (port, admin port).
+    It runs in namespace ``control_plane`` as pod meshward-policy-7 (MESHWARD_NAMESPACE and
+    POD_NAME, as the Deployment sets them)."""
     port, admin = kubetest.free_port(), kubetest.free_port()
     log = tmp_path / "policy.log"
     with log.open("ab") as out:
@@ -667,7 +671,12 @@ def served(
                 "--admin-addr",
                 f"127.0.0.1:{admin}",
             ],
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            env={
+                **os.environ,
+                "KUBECONFIG": str(kubeconfig),
+                "MESHWARD_NAMESPACE": control_plane,
+                "POD_NAME": "meshward-policy-7",
+            },
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -692,7 +701,11 @@ def served(
 
 
 async def test_meshward_policy_serve(
-    served: tuple[int, int], trust: pathlib.Path, core: client.CoreV1Api, namespace: str
+    served: tuple[int, int],
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
 ) -> None:
     port, admin = served
     put_policy(core, namespace, document(namespace, DefaultPolicy.DENY).to_json())
@@ -706,7 +719,11 @@ async def test_meshward_policy_serve(
         status = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=server.SERVICE), timeout=10
         )
+        await policy_pb2_grpc.PolicyStub(channel).Report(report_request(namespace), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+    await eventually("the report", lambda: published(core, control_plane, namespace))
+    configmap = published(core, control_plane, namespace)
+    assert configmap is not None and list(configmap.data) == ["meshward-policy-7.json"]
     source = stream_source(port, trust, namespace, lambda: credentials)
     async with following(source):
         await eventually("the policy", lambda: source.current() is not None)
@@ -737,3 +754,379 @@ def test_policy_serve_refuses_to_start_without_configmap_rbac(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("meshward: error: the policy server may not list or watch configmaps")
     assert "verbs: [list, watch]" in last
+
+
+# -- proxy reports (issue 6) -----------------------------------------------------------------
+
+BUNDLE = "sha256:" + "b" * 64
+ISSUER = "sha256:" + "1" * 64
+INSTANCE = "policy-0"
+
+
+@pytest.fixture
+def control_plane(core: client.CoreV1Api) -> Iterator[str]:
+    """The policy server's own namespace, where it publishes the reports."""
+    own = f"t-cp-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=own)))
+    yield own
+    core.delete_namespace(own)
+
+
+@pytest.fixture
+async def reporting_server(
+    kubeconfig: pathlib.Path,
+    trust: pathlib.Path,
+    control_plane: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[server.Running]:
+    """A policy server that forgets a pod after 3 s without a report."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    running = await server.start(
+        dataclasses.replace(
+            settings(trust), namespace=control_plane, instance=INSTANCE, report_expiry=3.0
+        )
+    )
+    await asyncio.wait_for(running.synced.wait(), 20)
+    yield running
+    await running.stop()
+
+
+def report_request(namespace: str, **fields: object) -> policy_pb2.ProxyReport:
+    values: dict[str, object] = {
+        "namespace": namespace,
+        "pod": "web-0",
+        "trust_bundle_fingerprint": BUNDLE,
+        "leaf_issuer_fingerprint": ISSUER,
+        "leaf_not_after_unix": 1_900_000_000,
+        "proxy_version": "0.1.0",
+    }
+    values.update(fields)
+    return policy_pb2.ProxyReport(**values)  # type: ignore[arg-type]
+
+
+async def send_report(
+    port: int, trust: pathlib.Path, credentials: KeyAndChain, request: policy_pb2.ProxyReport
+) -> None:
+    """One Report call as a proxy makes it; raises the call's error."""
+    key, chain = credentials
+    creds = grpc.ssl_channel_credentials((trust / "ca-bundle.crt").read_bytes(), key, chain)
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
+        await policy_pb2_grpc.PolicyStub(channel).Report(request, timeout=10)
+
+
+def published(
+    core: client.CoreV1Api, control_plane: str, namespace: str
+) -> client.V1ConfigMap | None:
+    try:
+        found: client.V1ConfigMap = core.read_namespaced_config_map(
+            proxyreports.configmap_name(namespace), control_plane
+        )
+    except client.exceptions.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return found
+
+
+def published_proxies(
+    core: client.CoreV1Api, control_plane: str, namespace: str
+) -> dict[str, proxyreports.Proxy]:
+    configmap = published(core, control_plane, namespace)
+    if configmap is None:
+        return {}
+    collected = proxyreports.collect(configmap.data)
+    assert collected.unreadable == ()
+    return dict(collected.proxies)
+
+
+async def test_a_report_is_published_for_the_operator(
+    reporting_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
+) -> None:
+    credentials = workload_certificate(trust, namespace)
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    await send_report(reporting_server.port, trust, credentials, report_request(namespace))
+    took = await eventually(
+        "the ConfigMap", lambda: published(core, control_plane, namespace) is not None
+    )
+    assert took < 2.0
+    configmap = published(core, control_plane, namespace)
+    assert configmap is not None
+    assert configmap.metadata.labels == {"meshward.io/proxy-reports": "true"}
+    assert configmap.metadata.annotations == {"meshward.io/namespace": namespace}
+    assert list(configmap.data) == ["policy-0.json"]
+    key = proxyreports.parse(configmap.data["policy-0.json"])
+    assert key.reported_by == INSTANCE and key.updated_at >= before
+    (proxy,) = key.proxies
+    assert proxy.pod == "web-0"
+    assert proxy.identity == f"spiffe://{TD}/ns/{namespace}/sa/web"
+    assert (proxy.trust_bundle, proxy.leaf_issuer) == (BUNDLE, ISSUER)
+    assert proxy.leaf_not_after == datetime.datetime.fromtimestamp(1_900_000_000, datetime.UTC)
+    assert proxy.proxy_version == "0.1.0"
+    assert proxy.reported_at >= before
+    assert proxy.live(datetime.datetime.now(datetime.UTC))
+    assert '"reportedAt":"20' in configmap.data["policy-0.json"]  # RFC 3339 text, not a number
+    port = reporting_server.admin_port
+    assert await metric(port, 'policy_reports_received_total{result="ok"}') == 1
+    assert await metric(port, f'policy_proxies_reporting{{namespace="{namespace}"}}') == 1
+
+
+async def test_a_report_for_another_namespace_is_permission_denied(
+    reporting_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
+) -> None:
+    other = workload_certificate(trust, "t-someone-else")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send_report(reporting_server.port, trust, other, report_request(namespace))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "allows reporting for namespace 't-someone-else' only, not " in str(
+        refused.value.details()
+    )
+    foreign = workload_certificate(trust, namespace, trust_domain="other.example")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send_report(reporting_server.port, trust, foreign, report_request(namespace))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "trust domain 'other.example'" in str(refused.value.details())
+    no_workload = certificate_without_spiffe_id(trust)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send_report(reporting_server.port, trust, no_workload, report_request(namespace))
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await asyncio.sleep(1.5)  # past the debounce: nothing was published
+    assert published(core, control_plane, namespace) is None
+    port = reporting_server.admin_port
+    assert await metric(port, 'policy_reports_received_total{result="permission_denied"}') == 2
+    assert await metric(port, 'policy_reports_received_total{result="unauthenticated"}') == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"pod": "Web_0"}, "pod 'Web_0' is not a DNS-1123 subdomain"),
+        ({"pod": ""}, "pod '' is not a DNS-1123 subdomain"),
+        ({"pod": "a" * 254}, "is not a DNS-1123 subdomain"),
+        ({"trust_bundle_fingerprint": "sha256:XYZ"}, "trust_bundle_fingerprint 'sha256:XYZ'"),
+        ({"trust_bundle_fingerprint": BUNDLE + "\n"}, "trust_bundle_fingerprint"),
+        ({"trust_bundle_fingerprint": ""}, "trust_bundle_fingerprint ''"),
+        ({"leaf_issuer_fingerprint": "md5:" + "1" * 32}, "leaf_issuer_fingerprint 'md5:"),
+        ({"leaf_issuer_fingerprint": ISSUER.upper()}, "leaf_issuer_fingerprint 'SHA256:"),
+        ({"leaf_not_after_unix": 0}, "leaf_not_after_unix 0 is not a time"),
+        ({"leaf_not_after_unix": 10**12}, "leaf_not_after_unix 1000000000000"),
+        ({"proxy_version": ""}, "proxy_version '' is not"),
+        ({"proxy_version": "1.0 beta"}, "proxy_version '1.0 beta' is not"),
+    ],
+)
+async def test_a_malformed_report_is_invalid_argument(
+    reporting_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
+    fields: dict[str, object],
+    named: str,
+) -> None:
+    credentials = workload_certificate(trust, namespace)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send_report(
+            reporting_server.port, trust, credentials, report_request(namespace, **fields)
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = str(refused.value.details())
+    assert details.startswith("the report is malformed: ") and named in details, details
+    assert ": send " in details  # and what to send instead
+    port = reporting_server.admin_port
+    assert await metric(port, 'policy_reports_received_total{result="invalid_argument"}') == 1
+    await asyncio.sleep(1.2)
+    assert published(core, control_plane, namespace) is None
+
+
+async def test_an_empty_leaf_issuer_means_an_anchor_signed_the_leaf(
+    reporting_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
+) -> None:
+    credentials = workload_certificate(trust, namespace)
+    request = report_request(namespace, leaf_issuer_fingerprint="")
+    await send_report(reporting_server.port, trust, credentials, request)
+    await eventually("the report", lambda: published_proxies(core, control_plane, namespace))
+    assert published_proxies(core, control_plane, namespace)["web-0"].leaf_issuer is None
+
+
+async def test_a_pod_that_stops_reporting_is_dropped_after_the_expiry(
+    reporting_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
+) -> None:
+    web = workload_certificate(trust, namespace)
+    port = reporting_server.port
+    await send_report(port, trust, web, report_request(namespace, pod="web-0"))
+    await send_report(port, trust, web, report_request(namespace, pod="web-1"))
+    await eventually(
+        "both pods",
+        lambda: set(published_proxies(core, control_plane, namespace)) == {"web-0", "web-1"},
+    )
+    # web-1 keeps reporting; web-0 stopped: it goes after the 3-s expiry, web-1 stays
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < 3.5:
+        await send_report(port, trust, web, report_request(namespace, pod="web-1"))
+        await asyncio.sleep(0.5)
+    await eventually(
+        "web-0 to be dropped",
+        lambda: set(published_proxies(core, control_plane, namespace)) == {"web-1"},
+        timeout=3.0,
+    )
+    admin = reporting_server.admin_port
+    assert await metric(admin, f'policy_proxies_reporting{{namespace="{namespace}"}}') == 1
+    # the last pod goes too, and with it the ConfigMap
+    await eventually(
+        "the ConfigMap to be deleted",
+        lambda: published(core, control_plane, namespace) is None,
+        timeout=6.0,
+    )
+    assert reporting_server.reports.proxies(namespace) == ()
+
+
+async def test_heartbeats_refresh_the_published_times_with_few_writes(
+    reporting_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(publisher, "REFRESH", 1.5)  # 30 s in production
+    web = workload_certificate(trust, namespace)
+    port, admin = reporting_server.port, reporting_server.admin_port
+    await send_report(port, trust, web, report_request(namespace))
+    await eventually("the report", lambda: published_proxies(core, control_plane, namespace))
+    first = published_proxies(core, control_plane, namespace)["web-0"].reported_at
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    sent = 0
+    while loop.time() - start < 4.0:  # a heartbeat every 0.1 s
+        await send_report(port, trust, web, report_request(namespace))
+        sent += 1
+        await asyncio.sleep(0.1)
+    later = published_proxies(core, control_plane, namespace)["web-0"].reported_at
+    assert later - first >= datetime.timedelta(seconds=2), (first, later)
+    writes = await metric(admin, 'policy_report_writes_total{result="ok"}')
+    assert sent >= 20 and 2 <= writes <= 5, (sent, writes)
+    # a changed bundle is published at once, not at the next refresh
+    await send_report(port, trust, web, report_request(namespace, trust_bundle_fingerprint=ISSUER))
+    took = await eventually(
+        "the new bundle",
+        lambda: published_proxies(core, control_plane, namespace)["web-0"].trust_bundle == ISSUER,
+    )
+    assert took < 1.5
+
+
+async def test_other_replicas_keys_are_kept_and_long_silent_ones_removed(
+    reporting_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    control_plane: str,
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+
+    def replica(name: str, updated: datetime.datetime, pod: str) -> str:
+        entry = proxyreports.Proxy(
+            pod=pod,
+            identity=f"spiffe://{TD}/ns/{namespace}/sa/web",
+            trust_bundle=BUNDLE,
+            leaf_issuer=None,
+            leaf_not_after=now + datetime.timedelta(hours=1),
+            proxy_version="0.1.0",
+            reported_at=updated,
+        )
+        return proxyreports.publish(name, [entry], updated).to_json()
+
+    core.create_namespaced_config_map(
+        control_plane,
+        client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(
+                name=proxyreports.configmap_name(namespace),
+                labels={proxyreports.LABEL: "true"},
+                annotations={proxyreports.NAMESPACE_ANNOTATION: namespace},
+            ),
+            data={
+                "policy-1.json": replica("policy-1", now, "web-1"),
+                "policy-2.json": replica("policy-2", now - datetime.timedelta(hours=1), "web-2"),
+                "notes": "not a replica's key: left alone",
+            },
+        ),
+    )
+    web = workload_certificate(trust, namespace)
+    await send_report(reporting_server.port, trust, web, report_request(namespace))
+
+    def keys() -> set[str]:
+        configmap = published(core, control_plane, namespace)
+        return set(configmap.data) if configmap is not None else set()
+
+    await eventually("our key", lambda: "policy-0.json" in keys())
+    assert keys() == {"policy-0.json", "policy-1.json", "notes"}  # policy-2 long gone
+    merged = proxyreports.collect(published(core, control_plane, namespace).data)  # type: ignore[union-attr]
+    assert set(merged.live(datetime.datetime.now(datetime.UTC))) == {"web-0", "web-1"}
+    # when our pod expires, only our key goes: the ConfigMap stays for the others
+    await eventually("our key to go", lambda: "policy-0.json" not in keys(), timeout=8.0)
+    assert keys() == {"policy-1.json", "notes"}
+
+
+async def test_the_server_starts_without_rights_to_publish_and_says_so(
+    kubeconfig: pathlib.Path,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Serving policy matters more than reports: a missing namespace (or Role) is an error in
+    the log and a failed write in the metrics, not a server that refuses to start."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    missing = f"t-missing-{uuid.uuid4().hex[:6]}"
+    running = await server.start(dataclasses.replace(settings(trust), namespace=missing))
+    try:
+        await asyncio.wait_for(running.synced.wait(), 20)
+        put_policy(core, namespace, document(namespace, DefaultPolicy.DENY).to_json())
+        credentials = workload_certificate(trust, namespace)
+        await send_report(running.port, trust, credentials, report_request(namespace))
+        failed = 'policy_report_writes_total{result="failed"}'
+        for _ in range(50):  # the sample appears with the first failure
+            with contextlib.suppress(AssertionError):
+                if await metric(running.admin_port, failed) >= 1:
+                    break
+            await asyncio.sleep(0.1)
+        assert await metric(running.admin_port, failed) >= 1
+        source = stream_source(running.port, trust, namespace, lambda: credentials)
+        async with following(source):
+            await eventually("the policy", lambda: source.current() is not None)
+    finally:
+        await running.stop()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == publisher.__name__]
+    assert f"does namespace {missing} exist? Set --namespace (MESHWARD_NAMESPACE)" in warning
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"namespace": "Meshward"}, "namespace 'Meshward' is not a Kubernetes namespace name"),
+        ({"instance": "policy/0"}, "replica name 'policy/0' can not name a ConfigMap key"),
+    ],
+)
+async def test_the_server_refuses_names_it_can_not_publish_under(
+    trust: pathlib.Path, change: dict[str, str], says: str
+) -> None:
+    with pytest.raises(errors.ConfigError) as refused:
+        await server.start(dataclasses.replace(settings(trust), **change))  # type: ignore[arg-type]
+    assert says in str(refused.value)

@@ -8,7 +8,7 @@ import datetime
 import pytest
 from cryptography import x509
 
-from meshward import errors
+from meshward import errors, trustbundle
 from meshward.identity import pki, trustdomain
 
 TD = "cluster.local"
@@ -139,7 +139,10 @@ def test_no_rotation_past_the_anchor_warns_instead() -> None:
     status, reason, message = conditions(at_32)["IssuerExpiring"]
     assert (status, reason) == ("True", "CanNotRotate")
     assert "can not outlive the trust anchor" in message
-    assert {w.reason for w in at_32.warnings} == {"IssuerExpiring", "AnchorExpiring"}
+    assert {w.reason for w in at_32.warnings} == {"IssuerExpiring"}
+    # ...and the anchor, within its window, is being rotated: that is what ends the warning.
+    assert at_32.next_anchor_secret is not None
+    assert at_32.status.phase == trustdomain.Phase.ANCHOR_ADDED
 
 
 def user_pki(
@@ -295,3 +298,233 @@ def test_bad_specs_say_what_to_fix(fields: dict[str, str], fragment: str) -> Non
     }
     with pytest.raises(errors.InvalidResource, match=fragment):
         trustdomain.parse(body)
+
+
+# -- anchor rotation ---------------------------------------------------------------------------
+
+
+class Cluster:
+    """What the operator's Secrets and the TrustDomain's status hold, as each plan leaves them."""
+
+    def __init__(self, s: trustdomain.TrustDomainSpec, now: datetime.datetime = NOW) -> None:
+        self.spec = s
+        self.anchor: trustdomain.Material | None = None
+        self.issuer: trustdomain.Material | None = None
+        self.next: trustdomain.Material | None = None
+        self.status: trustdomain.TrustDomainStatus | None = None
+        self.bundle = b""
+        self.round(now)
+
+    def round(
+        self,
+        now: datetime.datetime,
+        census: trustdomain.Census = trustdomain.Census(),  # noqa: B008
+        request: str | None = None,
+    ) -> trustdomain.Plan:
+        state = trustdomain.State(
+            anchor=self.anchor,
+            issuer=self.issuer,
+            next_anchor=self.next,
+            census=census,
+            rotate_request=request,
+            previous=self.status,
+        )
+        plan = trustdomain.plan(self.spec, state, now)
+        if plan.anchor_secret is not None:
+            self.anchor = material(
+                "secret cp/anchor", plan.anchor_secret.cert, plan.anchor_secret.key
+            )
+        if plan.next_anchor_secret is not None:
+            w = plan.next_anchor_secret
+            self.next = material("secret cp/next-anchor", w.cert, w.key)
+        if plan.delete_next_anchor:
+            self.next = None
+        if plan.issuer_secret is not None:
+            self.issuer = material(
+                "secret cp/issuer", plan.issuer_secret.cert, plan.issuer_secret.key
+            )
+        if plan.bundle is not None:
+            self.bundle = plan.bundle
+        self.status = plan.status
+        return plan
+
+    def bundle_fingerprint(self) -> str:
+        return trustbundle.fingerprint(certs(self.bundle))
+
+    def issuer_fingerprint(self) -> str:
+        assert self.issuer is not None and self.issuer.cert is not None
+        return trustbundle.certificate_fingerprint(certs(self.issuer.cert)[0])
+
+
+def proxies(bundle: str | None, issuer: str | None, *names: str) -> trustdomain.Census:
+    return trustdomain.Census(
+        proxies=tuple(trustdomain.ProxyState(name, bundle, issuer) for name in names)
+    )
+
+
+def test_anchor_rotation_runs_its_phases_as_proxies_report() -> None:
+    s = spec(
+        anchorLifetime="300d",
+        anchorRotateBefore="100d",
+        issuerLifetime="300d",
+        issuerRotateBefore="10d",
+    )
+    cluster = Cluster(s)
+    old_anchor = certs(cluster.anchor.cert or b"")[0]  # type: ignore[union-attr]
+    old_bundle, old_issuer = cluster.bundle_fingerprint(), cluster.issuer_fingerprint()
+    names = ("shop/web-1", "shop/db-0")
+
+    # Day 150: nothing due yet; the proxies hold the old bundle and leaves of the old issuer.
+    quiet = cluster.round(NOW + 150 * DAY, proxies(old_bundle, old_issuer, *names))
+    assert quiet.next_anchor_secret is None and quiet.status.phase == trustdomain.Phase.READY
+
+    # Day 201: within anchorRotateBefore. Step 1: a new anchor, trusted beside the old one.
+    t1 = NOW + 201 * DAY
+    started = cluster.round(t1, proxies(old_bundle, old_issuer, *names))
+    assert started.next_anchor_secret is not None and started.anchor_secret is None
+    new_anchor = certs(started.next_anchor_secret.cert)[0]
+    assert set(certs(cluster.bundle)) == {old_anchor, new_anchor}
+    assert started.issuer_secret is None, "the issuer waits until every proxy trusts the anchor"
+    assert started.status.phase == trustdomain.Phase.ANCHOR_ADDED
+    assert started.status.next_anchor is not None
+    new_bundle = cluster.bundle_fingerprint()
+
+    # Step 2: one proxy has loaded the new bundle, the other has not: wait, naming it.
+    mixed = trustdomain.Census(
+        proxies=(
+            trustdomain.ProxyState("shop/web-1", new_bundle, old_issuer),
+            trustdomain.ProxyState("shop/db-0", old_bundle, old_issuer),
+        )
+    )
+    waiting = cluster.round(t1 + datetime.timedelta(seconds=30), mixed)
+    assert waiting.issuer_secret is None and waiting.anchor_secret is None
+    assert waiting.status.phase == trustdomain.Phase.ANCHOR_ADDED
+    assert "1 proxy" in (waiting.status.waiting_for or "")
+    assert "shop/db-0" in (waiting.status.waiting_for or "")
+    assert "shop/web-1" not in (waiting.status.waiting_for or "")
+    assert set(certs(waiting.bundle or b"")) == {old_anchor, new_anchor}
+
+    # Step 3: all have it. The issuer moves to the new anchor; proxies are asked to renew.
+    t3 = t1 + datetime.timedelta(minutes=1)
+    switched = cluster.round(t3, proxies(new_bundle, old_issuer, *names))
+    assert switched.issuer_secret is not None
+    issuer = pki.Issuer.from_pem(switched.issuer_secret.cert, switched.issuer_secret.key, t3)
+    issuer.check([new_anchor], t3)
+    with pytest.raises(errors.IssuerError):
+        issuer.check([old_anchor], t3)
+    assert switched.status.phase == trustdomain.Phase.ISSUER_SWITCHED
+    assert switched.renew_leaves_before == t3
+    assert set(certs(switched.bundle or b"")) == {old_anchor, new_anchor}
+    new_issuer = cluster.issuer_fingerprint()
+
+    # Step 4: one proxy still holds an old leaf; the renewal request repeats for it.
+    half = trustdomain.Census(
+        proxies=(
+            trustdomain.ProxyState("shop/web-1", new_bundle, new_issuer),
+            trustdomain.ProxyState("shop/db-0", new_bundle, old_issuer),
+        )
+    )
+    late = cluster.round(t3 + datetime.timedelta(minutes=5), half)
+    assert late.status.phase == trustdomain.Phase.ISSUER_SWITCHED
+    assert late.issuer_secret is None and late.anchor_secret is None
+    assert late.renew_leaves_before == t3 + 2 * trustdomain.RENEW_REPEAT
+    assert "shop/db-0" in (late.status.waiting_for or "")
+
+    # Step 5: every leaf is from the new issuer: the new anchor becomes the anchor, alone.
+    t5 = t3 + datetime.timedelta(minutes=6)
+    done = cluster.round(t5, proxies(new_bundle, new_issuer, *names))
+    assert done.anchor_secret is not None and done.delete_next_anchor
+    assert certs(done.anchor_secret.cert) == [new_anchor]
+    assert certs(done.bundle or b"") == [new_anchor]
+    assert done.status.phase == trustdomain.Phase.READY
+    assert done.status.next_anchor is None and done.renew_leaves_before is None
+    assert done.issuer_secret is None, "the issuer of step 3 stays"
+    assert dict(conditions(done))["AnchorExpiring"][0] == "False"
+
+    # And it stays done: no second rotation, nothing more written.
+    after = cluster.round(t5 + DAY, proxies(cluster.bundle_fingerprint(), new_issuer, *names))
+    assert (after.anchor_secret, after.next_anchor_secret, after.issuer_secret) == (None,) * 3
+    assert after.status.phase == trustdomain.Phase.READY
+
+
+def test_a_proxy_known_to_run_but_silent_holds_the_rotation() -> None:
+    cluster = Cluster(spec())
+    cluster.round(NOW + DAY, request="now")
+    fingerprint = cluster.bundle_fingerprint()
+    census = trustdomain.Census(
+        proxies=(trustdomain.ProxyState("shop/web-1", fingerprint, None),),
+        silent=("shop/legacy-0",),
+    )
+    held = cluster.round(NOW + DAY + datetime.timedelta(minutes=1), census)
+    assert held.issuer_secret is None
+    assert held.status.phase == trustdomain.Phase.ANCHOR_ADDED
+    assert "shop/legacy-0" in (held.status.waiting_for or "")
+
+
+def test_an_interrupted_rotation_resumes_from_what_is_stored() -> None:
+    cluster = Cluster(spec())
+    cluster.round(NOW + DAY, request="r1")
+    t3 = NOW + DAY + datetime.timedelta(minutes=1)
+    cluster.round(t3, proxies(cluster.bundle_fingerprint(), None, "a/b"))
+    assert cluster.status is not None and cluster.status.phase == trustdomain.Phase.ISSUER_SWITCHED
+    # The operator restarts: a new round sees only Secrets and the stored status.
+    resumed = cluster.round(
+        t3 + datetime.timedelta(minutes=3), proxies(cluster.bundle_fingerprint(), None, "a/b")
+    )
+    assert resumed.status.phase == trustdomain.Phase.ISSUER_SWITCHED
+    assert resumed.status.phase_since == t3.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert resumed.renew_leaves_before == t3 + trustdomain.RENEW_REPEAT
+    assert resumed.issuer_secret is None, "the switched issuer is kept, not signed again"
+    # Stopped between writing the anchor and deleting the next-anchor Secret: only that is left.
+    new_issuer = cluster.issuer_fingerprint()
+    done = cluster.round(t3 + datetime.timedelta(minutes=4), proxies(None, new_issuer, "a/b"))
+    assert done.delete_next_anchor
+    assert cluster.anchor is not None and cluster.next is None
+    cluster.next = cluster.anchor  # as if the delete had not happened
+    again = cluster.round(t3 + datetime.timedelta(minutes=5))
+    assert again.delete_next_anchor and again.anchor_secret is None
+    assert again.status.phase == trustdomain.Phase.READY
+
+
+def test_a_request_is_acted_on_once() -> None:
+    cluster = Cluster(spec())
+    first_round = cluster.round(NOW + DAY, request="2030-01-02T00:00:00Z")
+    assert first_round.next_anchor_secret is not None
+    assert first_round.status.rotation_request == "2030-01-02T00:00:00Z"
+    cluster.round(NOW + DAY + datetime.timedelta(seconds=1))
+    cluster.round(NOW + DAY + datetime.timedelta(seconds=2))
+    assert cluster.next is None and cluster.status is not None
+    assert cluster.status.phase == trustdomain.Phase.READY
+    same = cluster.round(NOW + 2 * DAY, request="2030-01-02T00:00:00Z")
+    assert same.next_anchor_secret is None, "the same request value does not rotate again"
+    new = cluster.round(NOW + 3 * DAY, request="2030-01-04T00:00:00Z")
+    assert new.next_anchor_secret is not None
+
+
+def test_a_users_anchor_is_not_rotated_and_a_request_says_why() -> None:
+    anchor, anchor_key = pki.new_trust_anchor(TD, 300 * DAY, NOW)
+    user = material("secret pki/root", pki.to_pem(anchor), None)
+    issuer_cert, issuer_key = pki.new_issuer(anchor, anchor_key, TD, 30 * DAY, NOW)
+    s = spec(anchorSecretRef={"name": "root", "namespace": "pki"}, issuerSecretRef={"name": "i"})
+    state = trustdomain.State(
+        user_anchor=user,
+        user_issuer=material("secret cp/i", pki.to_pem(issuer_cert), pki.key_to_pem(issuer_key)),
+        rotate_request="please",
+    )
+    plan = trustdomain.plan(s, state, NOW + DAY)
+    assert plan.next_anchor_secret is None
+    status, reason, message = conditions(plan)["AnchorExpiring"]
+    assert (status, reason) == ("True", "CanNotRotate")
+    assert "it is yours (secret pki/root)" in message
+
+
+def test_a_next_anchor_without_its_key_is_refused_with_what_to_do() -> None:
+    cluster = Cluster(spec())
+    cluster.round(NOW + DAY, request="r")
+    assert cluster.next is not None
+    cluster.next = material(cluster.next.where, cluster.next.cert, None)
+    plan = cluster.round(NOW + DAY + datetime.timedelta(seconds=1))
+    assert plan.status.phase == trustdomain.Phase.INVALID
+    assert "holds no tls.key" in (plan.status.waiting_for or "")
+    assert "delete secret cp/next-anchor" in (plan.status.waiting_for or "")
+    assert (plan.issuer_secret, plan.anchor_secret, plan.bundle) == (None, None, None)

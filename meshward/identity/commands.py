@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import secrets
+import typing
 import urllib.error
 import urllib.request
 from typing import Any
@@ -103,6 +104,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"where the {TRUST_ROOTS} ConfigMap lives (default: meshward)",
     )
     inspect.set_defaults(func=_inspect)
+
+    rotate = sub.add_parser(
+        "rotate",
+        help="rotate the trust anchor now, through the operator's phases",
+        description="Ask the operator to rotate the served TrustDomain's trust anchor now: it "
+        "adds a new anchor to the bundle, waits until every proxy has loaded it, moves the "
+        "issuer to the new anchor, waits until every proxy holds a leaf from it (asking them to "
+        "renew early), then drops the old anchor. Sets the annotation "
+        "identity.meshward.io/rotate-anchor; with --wait, follows the phases until done.",
+    )
+    rotate.add_argument("--name", help="the TrustDomain (default: the one served)")
+    rotate.add_argument("--wait", action="store_true", help="follow the phases until Ready")
+    rotate.add_argument(
+        "--timeout", type=duration, default=duration("10m"), help="with --wait (default 10m)"
+    )
+    rotate.set_defaults(func=_rotate)
 
     serve = sub.add_parser("serve", help="run the identity service")
     serve.add_argument("--trust-domain", default=env("MESHWARD_TRUST_DOMAIN", "cluster.local"))
@@ -392,6 +409,75 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     print(f"chain: verifies against {where} ({len(anchors)} anchor(s))")
     return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    import time
+
+    from kubernetes import client, config
+    from kubernetes.client import exceptions
+
+    from meshward.identity import trustdomain
+
+    config.load_kube_config()  # type: ignore[no-untyped-call]
+    api: typing.Any = client.CustomObjectsApi()
+    where = (trustdomain.GROUP, trustdomain.VERSION, trustdomain.PLURAL)
+    item: dict[str, typing.Any]
+    try:
+        if args.name:
+            item = api.get_cluster_custom_object(*where, args.name)
+        else:
+            listing: dict[str, typing.Any] = api.list_cluster_custom_object(*where)
+            items = [
+                i for i in listing.get("items", []) if not i["metadata"].get("deletionTimestamp")
+            ]
+            if not items:
+                raise errors.ConfigError(
+                    "there is no TrustDomain: apply one (samples/trustdomain.yaml) first"
+                )
+            item = min(
+                items,
+                key=lambda i: (i["metadata"].get("creationTimestamp", ""), i["metadata"]["name"]),
+            )
+        name = item["metadata"]["name"]
+        status = item.get("status") or {}
+        if status.get("phase") in {p.value for p in trustdomain.ROTATING}:
+            print(f"trustdomain {name}: an anchor rotation is under way ({status['phase']})")
+            request = status.get("rotationRequest")
+        else:
+            request = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            patch = {"metadata": {"annotations": {trustdomain.ROTATE_ANNOTATION: request}}}
+            api.patch_cluster_custom_object(*where, name, patch)
+            print(f"trustdomain {name}: anchor rotation requested ({request})")
+    except exceptions.ApiException as exc:
+        raise errors.ConfigError(f"can not reach the TrustDomain: {exc.reason}") from exc
+    if not args.wait:
+        print(f"follow it with: kubectl get trustdomain {name} -o wide -w")
+        return 0
+    deadline = time.monotonic() + args.timeout.total_seconds()
+    shown = ""
+    while time.monotonic() < deadline:
+        current: dict[str, typing.Any] = api.get_cluster_custom_object(*where, name)
+        status = current.get("status") or {}
+        line = f"{status.get('phase')}: waiting for {status.get('waitingFor')}"
+        if line != shown:
+            print(line)
+            shown = line
+        done = (
+            status.get("phase") == trustdomain.Phase.READY.value
+            and status.get("rotationRequest") == request
+            and not status.get("nextAnchor")
+        )
+        if done:
+            print(f"anchor rotation complete: anchor {status['anchor']['serial']}")
+            return 0
+        if status.get("phase") == trustdomain.Phase.INVALID.value:
+            return 1
+        time.sleep(1.0)
+    raise errors.ConfigError(
+        f"the rotation did not finish within {args.timeout}; it goes on: see kubectl get "
+        f"trustdomain {name} -o yaml"
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:

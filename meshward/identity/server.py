@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from meshward import errors, kube
+from meshward import errors, kube, trustbundle
 from meshward.identity import authority, pki, serving, tokens
 from meshward.identity._proto import identity_pb2, identity_pb2_grpc
 
@@ -68,6 +68,21 @@ class Metrics:
             "When the issuer in force expires (Unix time)",
             registry=self.registry,
         )
+        self.anchor_expiry = prometheus_client.Gauge(
+            "identity_trust_anchor_expiration_timestamp_seconds",
+            "When each trust anchor of the bundle in force expires (Unix time), by fingerprint",
+            ["fingerprint"],
+            registry=self.registry,
+        )
+
+    def material(self, material: authority.TrustMaterial) -> None:
+        """Expiries of the trust material in force; an alert on either is the warning that
+        comes before an outage."""
+        self.issuer_expiry.set(material.issuer.certificate.not_valid_after_utc.timestamp())
+        self.anchor_expiry.clear()
+        for anchor in material.anchors:
+            fingerprint = trustbundle.certificate_fingerprint(anchor)
+            self.anchor_expiry.labels(fingerprint).set(anchor.not_valid_after_utc.timestamp())
 
 
 _STATUS = (
@@ -163,7 +178,7 @@ async def start(settings: Settings) -> Running:
         raise
     ca = authority.Authority(material, settings.trust_domain, settings.lifetime)
     metrics = Metrics()
-    metrics.issuer_expiry.set(material.issuer.certificate.not_valid_after_utc.timestamp())
+    metrics.material(material)
     certificate = serving.ServingCertificate(settings.server_names, material)
 
     server = grpc.aio.server()
@@ -191,7 +206,7 @@ async def start(settings: Settings) -> Running:
             if fresh is not None:
                 ca.material = fresh
                 certificate.replace(fresh)
-                metrics.issuer_expiry.set(fresh.issuer.certificate.not_valid_after_utc.timestamp())
+                metrics.material(fresh)
             elif certificate.due():
                 certificate.replace(ca.material)
             expired = ca.material.issuer.certificate.not_valid_after_utc <= datetime.datetime.now(

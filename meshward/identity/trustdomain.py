@@ -8,8 +8,22 @@ It does no I/O (the operator's :mod:`meshward.operator._trust` reads and writes)
 decision is unit-tested with real certificates from :mod:`meshward.identity.pki`.
 
 Deny when in doubt: material that is present but wrong is reported in words and left untouched.
-The only material the plan ever replaces is an issuer it can sign anew from an anchor whose key
-it holds; an anchor is never replaced (anchor rotation arrives with its phases, issue 6).
+The plan replaces an issuer only by signing a new one from an anchor whose key it holds, and an
+anchor only through the rotation phases below.
+
+Anchor rotation, started before the anchor's expiry or on request (the
+``identity.meshward.io/rotate-anchor`` annotation, as ``meshward identity rotate`` sets it):
+
+1. a new anchor is created and kept in its own Secret; the bundle trusts both anchors
+   (phase ``AnchorAdded``);
+2. it waits until every proxy reports the new bundle (:class:`Census`);
+3. the issuer is replaced by one the new anchor signs, and proxies are asked to renew early
+   (``renew-leaves-before`` beside the bundle; phase ``IssuerSwitched``);
+4. it waits until every proxy holds a leaf of that issuer;
+5. the new anchor becomes the anchor and the old one leaves the bundle (phase ``Ready``).
+
+Every step is derived again each round from the Secrets, the census and the stored status, so an
+operator restarted at any point resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import pydantic
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from meshward import errors
+from meshward import errors, trustbundle
 from meshward.identity import commands, pki
 from meshward.policy import resources
 
@@ -111,6 +125,22 @@ class Phase(enum.StrEnum):
     """The resource or the material it points at can not be used; nothing was written."""
     INACTIVE = "Inactive"
     """Another TrustDomain, created earlier, is the one served."""
+    ANCHOR_ADDED = "AnchorAdded"
+    """Anchor rotation, steps 1-2: both anchors trusted; waiting for every proxy to load them."""
+    ISSUER_SWITCHED = "IssuerSwitched"
+    """Anchor rotation, steps 3-4: the new anchor signs the issuer; waiting for every proxy to
+    hold a leaf of it."""
+
+
+ROTATING = frozenset({Phase.ANCHOR_ADDED, Phase.ISSUER_SWITCHED})
+ROTATE_ANNOTATION = "identity.meshward.io/rotate-anchor"
+"""Set to any new value (``meshward identity rotate`` writes the time) to start an anchor
+rotation now; the value handled last is kept in ``status.rotationRequest``."""
+NEXT_ANCHOR_SECRET = "meshward-identity-next-anchor"
+"""Holds the anchor being rotated in, with its key, until it becomes the anchor."""
+RENEW_REPEAT = datetime.timedelta(minutes=2)
+"""While proxies still hold leaves of the old issuer, the early-renewal request is renewed this
+often: a proxy that renewed before the identity service loaded the new issuer asks again."""
 
 
 class CertificateStatus(resources._Model):
@@ -125,8 +155,12 @@ class TrustDomainStatus(resources._Model):
     waiting_for: str | None = None
     anchor: CertificateStatus | None = None
     next_anchor: CertificateStatus | None = None
-    """The anchor being rotated in (its phases are not built yet: always unset)."""
+    """The anchor being rotated in, during an anchor rotation."""
     issuer: CertificateStatus | None = None
+    phase_since: str | None = None
+    """When the current rotation phase began (RFC 3339); unset outside a rotation."""
+    rotation_request: str | None = None
+    """The last value of the rotate-anchor annotation that was acted on."""
     conditions: tuple[resources.Condition, ...] = ()
 
 
@@ -159,15 +193,53 @@ class Material:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProxyState:
+    """What one proxy last reported: the fingerprints of its trust bundle and of its leaf's
+    issuer (:mod:`meshward.trustbundle`); None when it reported neither yet."""
+
+    name: str
+    """``namespace/pod``."""
+    bundle: str | None
+    issuer: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Census:
+    """The proxies an anchor rotation waits for.
+
+    ``proxies``: every live report. ``silent``: proxies known to run (injected pods) that sent
+    no live report; they count as not done, since nothing says they are.
+    """
+
+    proxies: tuple[ProxyState, ...] = ()
+    silent: tuple[str, ...] = ()
+
+    def without_bundle(self, fingerprint: str) -> list[str]:
+        """Proxies not known to have loaded the bundle ``fingerprint``."""
+        late = [p.name for p in self.proxies if p.bundle != fingerprint]
+        return sorted({*late, *self.silent})
+
+    def without_leaf_of(self, issuer: str) -> list[str]:
+        """Proxies not known to hold a leaf of the issuer whose fingerprint is ``issuer``."""
+        late = [p.name for p in self.proxies if p.issuer != issuer]
+        return sorted({*late, *self.silent})
+
+
+@dataclasses.dataclass(frozen=True)
 class State:
-    """What the cluster holds now. ``anchor``/``issuer``: the operator's Secrets in the
-    control-plane namespace; ``user_anchor``/``user_issuer``: the referenced Secrets (None when
-    not referenced or not found)."""
+    """What the cluster holds now. ``anchor``/``issuer``/``next_anchor``: the operator's Secrets
+    in the control-plane namespace; ``user_anchor``/``user_issuer``: the referenced Secrets (None
+    when not referenced or not found); ``census``: the proxies' reports; ``rotate_request``: the
+    rotate-anchor annotation's value; ``previous``: the status stored last round."""
 
     anchor: Material | None = None
     issuer: Material | None = None
     user_anchor: Material | None = None
     user_issuer: Material | None = None
+    next_anchor: Material | None = None
+    census: Census = Census()
+    rotate_request: str | None = None
+    previous: TrustDomainStatus | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +270,12 @@ class Plan:
     warnings: tuple[ExpiryWarning, ...] = ()
     notes: tuple[str, ...] = ()
     """What was done, for the log (never key material)."""
+    next_anchor_secret: SecretWrite | None = None
+    """Write the next-anchor Secret (a rotation begins)."""
+    delete_next_anchor: bool = False
+    """Delete the next-anchor Secret, after the anchor Secret holds it (a rotation ends)."""
+    renew_leaves_before: datetime.datetime | None = None
+    """Publish beside the bundle: proxies whose leaf began before this renew now."""
 
 
 def bundle_of(anchors: list[x509.Certificate]) -> bytes:
@@ -392,6 +470,25 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
     fresh = False
     """A new issuer was signed this round (so it is not due for rotation)."""
 
+    # An anchor rotation under way: the next anchor is trusted beside the current one.
+    nxt: pki.Issuer | None = None
+    delete_next = False
+    if state.next_anchor is not None:
+        if anchors.user or anchors.signer is None:
+            notes.append(
+                f"{state.next_anchor.where} left alone: the operator rotates only an anchor "
+                "whose key it holds"
+            )
+        else:
+            candidate = _next_anchor(state.next_anchor, now)
+            if candidate.certificate == current_anchor:
+                delete_next = True  # promoted last round; only the clean-up was left
+            else:
+                nxt = candidate
+                anchors = dataclasses.replace(
+                    anchors, certs=[*anchors.certs, candidate.certificate]
+                )
+
     # The issuer: the user's (copied into ours), ours, or a new one from the anchor.
     if spec.issuer_secret_ref is not None:
         if state.user_issuer is None:
@@ -436,28 +533,32 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
             )
         issuer = found
 
-    # Rotation of the issuer before it expires.
+    # Rotation of the issuer before it expires, by the anchor that signed it.
+    signer = anchors.signer
+    if nxt is not None and _signed_by(issuer, nxt.certificate, now):
+        signer = nxt
+    signing_anchor = signer.certificate if signer is not None else current_anchor
     expires = issuer.certificate.not_valid_after_utc
     due = expires - spec.rotate_before("issuer")
     rotated = False
     why = ""
     if now >= due and not fresh:
-        renewed_until = min(now + spec.lifetime("issuer"), current_anchor.not_valid_after_utc)
+        renewed_until = min(now + spec.lifetime("issuer"), signing_anchor.not_valid_after_utc)
         if spec.issuer_secret_ref is not None:
             why = (
                 f"it comes from issuerSecretRef ({_ref(spec.issuer_secret_ref)}): "
                 "put a new issuer there"
             )
-        elif anchors.signer is None:
+        elif signer is None:
             why = f"the trust anchor's key is not available ({anchors.source} has no tls.key)"
         elif renewed_until <= expires:
             why = (
                 "a new issuer can not outlive the trust anchor, which expires "
-                f"{_when(current_anchor.not_valid_after_utc)}: rotate the anchor"
+                f"{_when(signing_anchor.not_valid_after_utc)}: rotate the anchor"
             )
         else:
             old = issuer
-            issuer = _new_issuer(anchors.signer, spec, now)
+            issuer = _new_issuer(signer, spec, now)
             issuer_write, rotated = _write(issuer), True
             notes.append(
                 f"issuer rotated before its expiry {_when(expires)}: serial "
@@ -480,14 +581,99 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
         )
     rotating = rotated or (fresh and state.issuer is not None)
 
-    # The anchor's own warning window: its rotation is not automated yet.
+    # The anchor's rotation, in phases (see the module's docstring).
+    previous = state.previous
+    handled = previous.rotation_request if previous is not None else None
+    requested = state.rotate_request is not None and state.rotate_request != handled
     anchor_due = current_anchor.not_valid_after_utc - spec.rotate_before("anchor")
-    if now >= anchor_due:
+    bundle_certs = list(anchors.certs)
+    next_write: SecretWrite | None = None
+    next_cert: x509.Certificate | None = None
+    rotation: Phase | None = None
+    since: datetime.datetime | None = None
+    renew_before: datetime.datetime | None = None
+    waiting = ""
+    if nxt is not None:
+        next_cert = nxt.certificate
+        switched = False
+        if signer is not nxt:
+            published = trustbundle.fingerprint(bundle_certs)
+            late = state.census.without_bundle(published)
+            if late or (fresh or rotated):
+                rotation, since = Phase.ANCHOR_ADDED, _since(previous, Phase.ANCHOR_ADDED, now)
+                waiting = (
+                    f"{_count(late)} to load the trust bundle with both anchors "
+                    f"({published}): {_names(late)}"
+                    if late
+                    else "the next round: the issuer was replaced in this one"
+                )
+            else:
+                old = issuer
+                issuer = _new_issuer(nxt, spec, now)
+                issuer_write, signer, switched = _write(issuer), nxt, True
+                notes.append(
+                    f"anchor rotation: every proxy trusts the new anchor; issuer "
+                    f"{old.certificate.serial_number:x} replaced by "
+                    f"{issuer.certificate.serial_number:x}, signed by the new anchor"
+                )
+        if signer is nxt:
+            issued = trustbundle.certificate_fingerprint(issuer.certificate)
+            late = state.census.without_leaf_of(issued)
+            if switched or late or fresh or rotated:
+                rotation = Phase.ISSUER_SWITCHED
+                since = now if switched else _since(previous, Phase.ISSUER_SWITCHED, now)
+                renew_before = since + RENEW_REPEAT * ((now - since) // RENEW_REPEAT)
+                waiting = (
+                    f"{_count(late)} to hold a leaf of the new issuer (asked to renew early, "
+                    f"last at {_when(renew_before)}): {_names(late)}"
+                    if late and not switched
+                    else "every proxy to renew from the new issuer (asked to renew early)"
+                )
+            else:
+                anchor_write = SecretWrite(
+                    cert=pki.to_pem(nxt.certificate), key=pki.key_to_pem(nxt.key)
+                )
+                delete_next = True
+                notes.append(
+                    f"anchor rotation complete: anchor {current_anchor.serial_number:x} "
+                    f"replaced by {nxt.certificate.serial_number:x} and dropped from the bundle"
+                )
+                current_anchor, bundle_certs, next_cert = nxt.certificate, [nxt.certificate], None
+                anchor_due = current_anchor.not_valid_after_utc - spec.rotate_before("anchor")
+    elif (requested or now >= anchor_due) and not anchors.user and anchors.signer is not None:
+        cert, key = pki.new_trust_anchor(td, spec.lifetime("anchor"), now)
+        next_write = SecretWrite(cert=pki.to_pem(cert), key=pki.key_to_pem(key))
+        next_cert = cert
+        bundle_certs.append(cert)
+        rotation, since = Phase.ANCHOR_ADDED, now
+        waiting = "every proxy to load the trust bundle with both anchors"
+        cause = "on request" if requested else f"before its expiry {_when(anchor_due)}"
+        notes.append(
+            f"anchor rotation started {cause}: new anchor serial {cert.serial_number:x} "
+            "trusted beside the current one"
+        )
+    if requested:
+        handled = state.rotate_request
+
+    if rotation is not None:
+        anchor_expiring = _condition(
+            "AnchorExpiring",
+            False,
+            "Rotating",
+            f"the trust anchor is being replaced (phase {rotation.value}); the current one "
+            f"expires {_when(current_anchor.not_valid_after_utc)}",
+        )
+    elif now >= anchor_due or (requested and rotation is None):
+        whose = (
+            f"it is yours ({anchors.source}): put a new anchor there beside the current one, "
+            "move the issuer to it, then drop the old one"
+            if anchors.user
+            else f"the anchor's key is not held ({anchors.source} has no tls.key)"
+        )
         message = (
             f"trust anchor {_name(current_anchor)} expires "
-            f"{_when(current_anchor.not_valid_after_utc)} and can not be rotated by the operator "
-            f"yet: {'replace the Secret ' + anchors.source + ' ' if anchors.user else ''}"
-            "add a new anchor to the bundle, move the issuer to it, then drop the old anchor"
+            f"{_when(current_anchor.not_valid_after_utc)} and the operator can not rotate it: "
+            f"{whose}"
         )
         warnings.append(ExpiryWarning("AnchorExpiring", message))
         anchor_expiring = _condition("AnchorExpiring", True, "CanNotRotate", message)
@@ -496,32 +682,38 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
             "AnchorExpiring",
             False,
             "InTime",
-            f"trust anchor expires {_when(current_anchor.not_valid_after_utc)}; "
-            f"warning from {_when(anchor_due)}",
+            f"trust anchor expires {_when(current_anchor.not_valid_after_utc)}; rotation "
+            f"starts {_when(anchor_due)}",
         )
 
-    phase = Phase.ISSUER_ROTATING if rotating else Phase.READY
-    if rotating:
-        waiting = (
-            "the identity service to reload the issuer Secret (no restart); proxies move to "
-            "the new issuer at their next renewal"
-        )
+    if rotation is not None:
+        phase = rotation
     else:
-        waiting = (
-            f"the next issuer rotation, due "
-            f"{_when(issuer.certificate.not_valid_after_utc - spec.rotate_before('issuer'))}"
-        )
+        phase = Phase.ISSUER_ROTATING if rotating else Phase.READY
+        if rotating:
+            waiting = (
+                "the identity service to reload the issuer Secret (no restart); proxies move "
+                "to the new issuer at their next renewal"
+            )
+        else:
+            waiting = (
+                f"the next issuer rotation, due "
+                f"{_when(issuer.certificate.not_valid_after_utc - spec.rotate_before('issuer'))}"
+            )
     status = TrustDomainStatus(
         phase=phase,
         waiting_for=waiting,
         anchor=describe(current_anchor),
+        next_anchor=describe(next_cert) if next_cert is not None else None,
         issuer=describe(issuer.certificate),
+        phase_since=_rfc3339(since) if since is not None else None,
+        rotation_request=handled,
         conditions=(
             _condition(
                 "Ready",
                 True,
                 "IssuerRotated" if rotating else "Published",
-                f"trust bundle of {len(anchors.certs)} anchor(s) published; issuer "
+                f"trust bundle of {len(bundle_certs)} anchor(s) published; issuer "
                 f"{issuer.certificate.serial_number:x} in force",
             ),
             anchor_expiring,
@@ -531,11 +723,68 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
     return Plan(
         anchor_secret=anchor_write,
         issuer_secret=issuer_write,
-        bundle=bundle_of(anchors.certs),
+        bundle=bundle_of(bundle_certs),
         status=status,
         warnings=tuple(warnings),
         notes=tuple(notes),
+        next_anchor_secret=next_write,
+        delete_next_anchor=delete_next,
+        renew_leaves_before=renew_before,
     )
+
+
+def _next_anchor(material: Material, now: datetime.datetime) -> pki.Issuer:
+    """The anchor being rotated in, with its key; a Secret that can not serve is refused."""
+    try:
+        found = _anchors(material, False, now)
+    except _Refused as r:
+        raise _Refused(
+            Phase.INVALID,
+            "InvalidNextAnchor",
+            f"{r.message}; delete {material.where} to start the anchor rotation again",
+        ) from None
+    if found.signer is None:
+        raise _Refused(
+            Phase.INVALID,
+            "InvalidNextAnchor",
+            f"{material.where} holds no tls.key: the new anchor can not sign the issuer; "
+            f"delete {material.where} to start the anchor rotation again",
+        )
+    return found.signer
+
+
+def _signed_by(issuer: pki.Issuer, anchor: x509.Certificate, now: datetime.datetime) -> bool:
+    try:
+        issuer.check([anchor], now)
+    except errors.IssuerError:
+        return False
+    return True
+
+
+def _since(
+    previous: TrustDomainStatus | None, phase: Phase, now: datetime.datetime
+) -> datetime.datetime:
+    """When ``phase`` began: as stored, if the stored status is in it, else ``now``."""
+    if previous is None or previous.phase != phase or previous.phase_since is None:
+        return now
+    try:
+        began = datetime.datetime.fromisoformat(previous.phase_since.replace("Z", "+00:00"))
+    except ValueError:
+        return now
+    return min(began if began.tzinfo else began.replace(tzinfo=datetime.UTC), now)
+
+
+def _count(names: list[str]) -> str:
+    return f"{len(names)} prox{'y' if len(names) == 1 else 'ies'}"
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _rfc3339(at: datetime.datetime) -> str:
+    return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _new_issuer(anchor: pki.Issuer, spec: TrustDomainSpec, now: datetime.datetime) -> pki.Issuer:

@@ -482,6 +482,11 @@ def _deployments(s: Settings) -> list[Document]:
                 ISSUER_DIR,
                 "--trust-anchors",
                 f"{TRUST_ROOTS_DIR}/{authority.ANCHORS}",
+                "--namespace",
+                s.namespace,
+            ],
+            "env": [
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
             ],
             "ports": [
                 {"name": "grpc", "containerPort": POLICY_PORT},

@@ -89,6 +89,15 @@ def policy() -> Grants:
                 "the verbs themselves",
             ),
         ),
+        namespaced=(
+            Rule(
+                "",
+                ("configmaps",),
+                ("get", "create", "update", "delete"),
+                "publishes what proxies report of their trust state (meshward-proxies-<ns>) "
+                "for the operator's anchor rotation; only in the control-plane namespace",
+            ),
+        ),
     )
 
 
@@ -200,8 +209,20 @@ def operator(webhook_name: str) -> Grants:
                 "",
                 ("secrets",),
                 ("update",),
-                "rewrites the issuer when it rotates it, and the anchor when it makes a new one",
-                names=(commands.ANCHOR_SECRET, commands.ISSUER_SECRET),
+                "rewrites the issuer when it rotates it, and the anchor when it makes a new "
+                "one or an anchor rotation ends",
+                names=(
+                    commands.ANCHOR_SECRET,
+                    commands.ISSUER_SECRET,
+                    trustdomain.NEXT_ANCHOR_SECRET,
+                ),
+            ),
+            Rule(
+                "",
+                ("secrets",),
+                ("delete",),
+                "removes the anchor being rotated in once it has become the anchor",
+                names=(trustdomain.NEXT_ANCHOR_SECRET,),
             ),
         ),
     )

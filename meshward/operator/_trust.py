@@ -1,10 +1,13 @@
 """Keep the served TrustDomain's trust material in the cluster: the operator's I/O edge for it.
 
 Each round reads the TrustDomains, the Secrets of the control-plane namespace (the root
-namespace setting) and any Secrets the served TrustDomain references, asks the pure
-:func:`meshward.identity.trustdomain.plan` what to do, and writes it in an order that never
-leaves a proxy without a trusted path: the anchor Secret, then the trust bundle (the control
-plane's ConfigMap and every meshed namespace's), then the issuer Secret, then the status.
+namespace setting), any Secrets the served TrustDomain references and, for an anchor rotation,
+what the proxies report; asks the pure :func:`meshward.identity.trustdomain.plan` what to do; and
+writes it in an order that never leaves a proxy without a trusted path: the next-anchor Secret,
+the anchor Secret, the trust bundle (the control plane's ConfigMap and every meshed
+namespace's, with the early-renewal request beside it), the issuer Secret, the removal of the
+next-anchor Secret, then the status. During an anchor rotation rounds run every
+:data:`ROTATION_POLL` seconds, so each phase moves on soon after the proxies have.
 
 Only the TrustDomain created first (ties by name) is served; the others are told so in their
 status. Rounds are requested by events (:meth:`TrustKeeper.poke`: cheap, coalesced), run one at a
@@ -23,7 +26,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from meshward import errors, inject, kube
+from meshward import errors, inject, kube, proxyreports, trustbundle
 from meshward.identity import authority, commands, trustdomain
 from meshward.operator import _settings
 
@@ -33,6 +36,8 @@ DEBOUNCE = 0.05
 MAX_BACKOFF = 30.0
 INTERVAL = 60.0
 """How often every round runs anyway: the issuer's rotation is noticed within this time."""
+ROTATION_POLL = 2.0
+"""How often rounds run while an anchor rotation waits for the proxies."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "meshward-operator"}
 EVENT_NAMESPACE = "default"
 """Where Kubernetes keeps Events of cluster-scoped objects."""
@@ -157,23 +162,67 @@ class TrustKeeper:
             await self._write_status(served, status, ())
             return
         spec = resource.spec
+        annotations = served["metadata"].get("annotations") or {}
+        next_anchor = await self._material(self._namespace, trustdomain.NEXT_ANCHOR_SECRET)
         state = trustdomain.State(
             anchor=await self._material(self._namespace, commands.ANCHOR_SECRET),
             issuer=await self._material(self._namespace, commands.ISSUER_SECRET),
             user_anchor=await self._referenced(spec.anchor_secret_ref),
             user_issuer=await self._referenced(spec.issuer_secret_ref),
+            next_anchor=next_anchor,
+            census=await self._census() if next_anchor is not None else trustdomain.Census(),
+            rotate_request=annotations.get(trustdomain.ROTATE_ANNOTATION),
+            previous=resource.status,
         )
         plan = trustdomain.plan(spec, state, datetime.datetime.now(datetime.UTC))
         name = resource.metadata.name
+        if plan.next_anchor_secret is not None:
+            await self._write_secret(trustdomain.NEXT_ANCHOR_SECRET, plan.next_anchor_secret)
         if plan.anchor_secret is not None:
             await self._write_secret(commands.ANCHOR_SECRET, plan.anchor_secret)
         if plan.bundle is not None:
-            await self._publish(plan.bundle.decode())
+            await self._publish(plan.bundle.decode(), plan.renew_leaves_before)
         if plan.issuer_secret is not None:
             await self._write_secret(commands.ISSUER_SECRET, plan.issuer_secret)
+        if plan.delete_next_anchor:
+            await self._delete_secret(trustdomain.NEXT_ANCHOR_SECRET)
         for note in plan.notes:
             logger.info("trust domain %s: %s", name, note)
         await self._write_status(served, plan.status, plan.warnings)
+        if plan.status.phase in trustdomain.ROTATING:
+            self.poke(delay=ROTATION_POLL)
+
+    async def _census(self) -> trustdomain.Census:
+        """What the proxies report (:mod:`meshward.proxyreports`), and the injected pods that
+        run without a live report: an anchor rotation waits for both."""
+        now = datetime.datetime.now(datetime.UTC)
+        listing = await self._core.list_namespaced_config_map(
+            self._namespace, label_selector=f"{proxyreports.LABEL}=true"
+        )
+        reported: dict[str, trustdomain.ProxyState] = {}
+        for configmap in listing.items:
+            namespace = (configmap.metadata.annotations or {}).get(
+                proxyreports.NAMESPACE_ANNOTATION
+            )
+            if not namespace:
+                continue
+            collected = proxyreports.collect(configmap.data)
+            for problem in collected.unreadable:
+                logger.warning("trust domain: configmap %s: %s", configmap.metadata.name, problem)
+            for pod, proxy in collected.live(now).items():
+                name = f"{namespace}/{pod}"
+                reported[name] = trustdomain.ProxyState(name, proxy.trust_bundle, proxy.leaf_issuer)
+        running = await self._core.list_pod_for_all_namespaces(
+            field_selector="status.phase=Running"
+        )
+        silent = sorted(
+            f"{pod.metadata.namespace}/{pod.metadata.name}"
+            for pod in running.items
+            if not pod.metadata.deletion_timestamp
+            and any(c.name == inject.PROXY_CONTAINER for c in pod.spec.containers or ())
+            and f"{pod.metadata.namespace}/{pod.metadata.name}" not in reported
+        )
+        return trustdomain.Census(proxies=tuple(reported.values()), silent=tuple(silent))
 
     async def _material(self, namespace: str, name: str) -> trustdomain.Material | None:
         try:
@@ -216,9 +265,21 @@ class TrustKeeper:
             await self._core.replace_namespaced_secret(name, self._namespace, body)
         logger.info("trust domain: secret %s/%s written", self._namespace, name)
 
-    async def _publish(self, bundle: str) -> None:
-        """The bundle into the control-plane namespace and every meshed namespace."""
-        await self._write_bundle(self._namespace, bundle)
+    async def _delete_secret(self, name: str) -> None:
+        try:
+            await self._core.delete_namespaced_secret(name, self._namespace)
+        except client.exceptions.ApiException as exc:
+            if exc.status != 404:
+                raise
+        logger.info("trust domain: secret %s/%s deleted", self._namespace, name)
+
+    async def _publish(self, bundle: str, renew_before: datetime.datetime | None) -> None:
+        """The bundle, and the early-renewal request if any, into the control-plane namespace
+        and every meshed namespace."""
+        data = {authority.ANCHORS: bundle}
+        if renew_before is not None:
+            data[trustbundle.RENEW_BEFORE_KEY] = trustbundle.format_renew_before(renew_before)
+        await self._write_bundle(self._namespace, data)
         for ns in (await self._core.list_namespace()).items:
             meta = ns.metadata
             if ns.status and ns.status.phase == "Terminating":
@@ -227,7 +288,7 @@ class TrustKeeper:
                 meta.name in self._with_injected_pods and not self._settings.excludes(meta.name)
             ):
                 try:
-                    await self._write_bundle(meta.name, bundle)
+                    await self._write_bundle(meta.name, data)
                 except client.exceptions.ApiException as exc:
                     if exc.status not in (403, 404, 409):  # going away, or raced: next round
                         raise
@@ -237,12 +298,12 @@ class TrustKeeper:
                         kube.api_message(exc),
                     )
 
-    async def _write_bundle(self, namespace: str, bundle: str) -> None:
+    async def _write_bundle(self, namespace: str, data: dict[str, str]) -> None:
         body = client.V1ConfigMap(
             metadata=client.V1ObjectMeta(
                 name=commands.TRUST_ROOTS, namespace=namespace, labels=dict(MANAGED_BY)
             ),
-            data={authority.ANCHORS: bundle},
+            data=data,
         )
         try:
             current = await self._core.read_namespaced_config_map(commands.TRUST_ROOTS, namespace)
@@ -251,7 +312,7 @@ class TrustKeeper:
                 raise
             await self._core.create_namespaced_config_map(namespace, body)
         else:
-            if (current.data or {}).get(authority.ANCHORS) == bundle:
+            if (current.data or {}) == data:
                 return
             body.metadata.resource_version = current.metadata.resource_version
             await self._core.replace_namespaced_config_map(commands.TRUST_ROOTS, namespace, body)

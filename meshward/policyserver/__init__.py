@@ -1,11 +1,15 @@
 """The policy server (issue 5): each proxy follows its namespace's compiled policy over a
-streaming gRPC API, authenticated by its mesh certificate and scoped to its own namespace.
+streaming gRPC API, authenticated by its mesh certificate and scoped to its own namespace. It
+also collects what trust state each proxy holds (issue 6) and publishes it for the operator.
 
     documents   the latest valid document per namespace, handed to watchers newest-only
     configmaps  the meshward-policy ConfigMaps of every namespace: list, watch, re-list
+    reports     the latest trust-state report of each proxy, checked, expired when stale
+    publisher   those reports as meshward-proxies-<namespace> ConfigMaps in its own namespace
     server      the Policy service over mutual TLS, health, admin endpoint, reloads
-    metrics     what it counts (watchers, updates sent, refusals)
+    metrics     what it counts (watchers, updates sent, refusals, reports)
     commands    ``meshward policy serve``
 
-The proxy's side is :mod:`meshward.proxy.policy_stream`; the API is ``_proto/policy.proto``.
+The proxy's side is :mod:`meshward.proxy.policy_stream` and :mod:`meshward.proxy.report`; the
+API is ``_proto/policy.proto``; the published format is :mod:`meshward.proxyreports`.
 """

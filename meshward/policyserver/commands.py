@@ -1,5 +1,6 @@
 """``meshward policy serve``: the command-line face of the policy server, flag for flag like
-``meshward identity serve`` (each flag also read from a MESHWARD_POLICY_* variable)."""
+``meshward identity serve`` (each flag also read from a MESHWARD_POLICY_* variable; the
+namespace from MESHWARD_NAMESPACE, shared with the other control-plane services)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
         "server's mesh identity name, meshward-policy.meshward.serviceaccount.identity."
         "meshward.<trust-domain>)",
     )
+    serve.add_argument(
+        "--namespace",
+        default=env("MESHWARD_NAMESPACE", "meshward"),
+        help="the namespace the server runs in (MESHWARD_NAMESPACE, default meshward): it "
+        "publishes the proxies' trust-state reports there, as meshward-proxies-<namespace> "
+        "ConfigMaps under the key <POD_NAME, else the host name>.json",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="debug log per watch")
     serve.set_defaults(func=_serve)
 
@@ -76,6 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
         address=args.addr,
         admin_address=args.admin_addr,
         server_names=tuple(args.server_name or ("localhost", own.dns_name)),
+        namespace=args.namespace,
     )
     asyncio.run(server.serve(settings))
     return 0

@@ -34,3 +34,21 @@ class Metrics:
             "Failed lists and watches of the meshward-policy ConfigMaps",
             registry=self.registry,
         )
+        self.proxies_reporting = prometheus_client.Gauge(
+            "policy_proxies_reporting",
+            "Pods whose trust-state report is held (heard from within the expiry), by namespace",
+            ["namespace"],
+            registry=self.registry,
+        )
+        self.reports_received = prometheus_client.Counter(
+            "policy_reports_received",
+            "Report calls, by result: ok, or the gRPC status code name of the refusal",
+            ["result"],
+            registry=self.registry,
+        )
+        self.report_writes = prometheus_client.Counter(
+            "policy_report_writes",
+            "Writes of the meshward-proxies-<namespace> ConfigMaps, by result (ok, failed)",
+            ["result"],
+            registry=self.registry,
+        )

@@ -3,7 +3,9 @@
 Only a mesh workload may watch, and only its own namespace: the TLS handshake requires a client
 certificate chained to the trust anchors, and each Watch reads the namespace from that
 certificate's SPIFFE ID (``spiffe://<td>/ns/<ns>/sa/<sa>``). A stream lives no longer than the
-certificate that opened it; the proxy reconnects with its renewed one.
+certificate that opened it; the proxy reconnects with its renewed one. Reports of the proxies'
+trust state are taken the same way, each for the caller's own namespace only, and published
+as ConfigMaps in the server's own namespace (:mod:`meshward.policyserver.publisher`).
 
 The serving certificate is issued from the mesh issuer like the identity service's (see
 :mod:`meshward.identity.serving`), and the anchors it requires of clients follow the trust
@@ -18,18 +20,21 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import pathlib
+import re
+import socket
 from collections.abc import Mapping, Sequence
 
 import grpc
 import yaml
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from kubernetes_asyncio import config
+from kubernetes_asyncio import client, config
 
-from meshward import errors, kube
+from meshward import errors, kube, proxyreports
 from meshward.identity import authority, pki, serving
-from meshward.policyserver import configmaps, documents, metrics
+from meshward.policyserver import configmaps, documents, metrics, publisher, reports
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -46,6 +51,8 @@ RBAC_HINT = (
     "bind its ServiceAccount to a ClusterRole with the rule "
     '{apiGroups: [""], resources: [configmaps], verbs: [list, watch]}'
 )
+REPORT_VERBS = ("get", "create", "update", "delete")
+"""What publishing the proxies' reports needs on configmaps in the server's own namespace."""
 OPTIONS = (
     # Find proxies that vanished without closing (their watcher would linger), and let the
     # proxies' own keepalive pings through on an otherwise quiet stream.
@@ -66,6 +73,13 @@ class Settings:
     admin_address: str = "0.0.0.0:9991"
     server_names: tuple[str, ...] = ("localhost",)
     """DNS SANs of the serving certificate (proxies check one against the target name)."""
+    namespace: str = NAMESPACE
+    """The control plane's namespace, where the server runs: it publishes reports there."""
+    instance: str = ""
+    """This replica's name, its data key in the report ConfigMaps; empty: the POD_NAME
+    environment variable, else the host name."""
+    report_expiry: float = reports.EXPIRY
+    """Seconds after which a pod that stopped reporting is forgotten."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,13 +140,34 @@ def authorize(caller: Caller, namespace: str) -> None:
         )
 
 
+def authorize_report(caller: Caller, namespace: str, now: datetime.datetime) -> None:
+    """ReportAccessDenied unless ``caller`` may report for ``namespace`` (only its own), and
+    UntrustedChain if its certificate expired since the connection was made."""
+    if caller.expires <= now:
+        raise errors.UntrustedChain(
+            f"the client certificate expired at {caller.expires.isoformat()}: report with the "
+            "renewed one"
+        )
+    if namespace != caller.identity.namespace:
+        shown = namespace if len(namespace) <= _MAX_ECHO else namespace[:_MAX_ECHO] + "..."
+        raise errors.ReportAccessDenied(
+            f"the certificate of {caller.identity.spiffe_id} allows reporting for namespace "
+            f"{caller.identity.namespace!r} only, not {shown!r}: report the proxy's own "
+            "namespace"
+        )
+
+
 def own_identity(trust_domain: str) -> pki.Identity:
     return pki.Identity(NAMESPACE, SERVICE_ACCOUNT, trust_domain)
 
 
 def status_for(exc: errors.MeshwardError) -> grpc.StatusCode:
-    if isinstance(exc, errors.PolicyAccessDenied):
+    if isinstance(exc, errors.PolicyAccessDenied | errors.ReportAccessDenied):
         return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, errors.InvalidProxyReport):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, errors.TooManyProxies):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, errors.IdentityError):
         return grpc.StatusCode.UNAUTHENTICATED
     return grpc.StatusCode.INTERNAL
@@ -140,11 +175,17 @@ def status_for(exc: errors.MeshwardError) -> grpc.StatusCode:
 
 class PolicyServicer(policy_pb2_grpc.PolicyServicer):
     def __init__(
-        self, store: documents.Documents, counters: metrics.Metrics, trust_domain: str
+        self,
+        store: documents.Documents,
+        counters: metrics.Metrics,
+        trust_domain: str,
+        held: reports.Reports,
     ) -> None:
         self._store = store
         self._metrics = counters
         self._trust_domain = trust_domain
+        self._reports = held
+        self._refusals_logged: set[tuple[str, str]] = set()
 
     async def Watch(
         self, request: policy_pb2.WatchRequest, context: grpc.aio.ServicerContext
@@ -182,6 +223,38 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             self._metrics.watchers.dec()
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the policy server is stopping")
 
+    async def Report(
+        self, request: policy_pb2.ProxyReport, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.ReportAck:
+        now = datetime.datetime.now(datetime.UTC)
+        caller: Caller | None = None
+        try:
+            caller = authenticate(context.auth_context(), self._trust_domain)
+            authorize_report(caller, request.namespace, now)
+            self._reports.record(request.namespace, request, caller.identity, now)
+        except (errors.IdentityError, errors.PolicyError, errors.ReportError) as exc:
+            code = status_for(exc)
+            self._metrics.reports_received.labels(result=code.name.lower()).inc()
+            who = caller.identity.spiffe_id if caller else "a client without a mesh identity"
+            self._log_refusal(who, code, exc)
+            await context.abort(code, str(exc))
+            raise  # abort raises; this line is never reached
+        self._metrics.reports_received.labels(result="ok").inc()
+        return policy_pb2.ReportAck()
+
+    def _log_refusal(self, who: str, code: grpc.StatusCode, exc: Exception) -> None:
+        """The first refusal of each caller and reason at info level, the rest at debug: a
+        misconfigured proxy reports every 30 s."""
+        seen = (who, code.name)
+        first = seen not in self._refusals_logged
+        if first:
+            if len(self._refusals_logged) >= 10_000:
+                self._refusals_logged.clear()
+            self._refusals_logged.add(seen)
+        (logger.info if first else logger.debug)(
+            "report from %s refused: %s: %s", who, code.name, exc
+        )
+
 
 @dataclasses.dataclass
 class Running:
@@ -191,6 +264,8 @@ class Running:
     admin_port: int
     server: grpc.aio.Server
     store: documents.Documents
+    reports: reports.Reports
+    """The proxies' latest reports, as published."""
     synced: asyncio.Event
     """Set once every namespace's ConfigMap has been read (then the server reports ready)."""
     _cleanup: contextlib.AsyncExitStack
@@ -240,6 +315,7 @@ async def start(settings: Settings) -> Running:
     """Check settings, trust material and RBAC, then serve; raises before serving if any is
     wrong. The server is ready once the ConfigMaps have been read (``Running.synced``)."""
     own = own_identity(settings.trust_domain)  # also checks the trust domain
+    instance = _instance(settings)
     source = authority.FileSource(settings.issuer_dir, settings.anchors_file)
     material = source.load()
     certificate = serving.ServingCertificate(settings.server_names, material, verify_clients=True)
@@ -260,13 +336,16 @@ async def start(settings: Settings) -> Running:
             raise errors.ConfigError(
                 f"the policy server may not {verbs} configmaps cluster-wide: {RBAC_HINT}"
             )
+        await _check_report_access(api, settings.namespace)
         store = documents.Documents()
         counters = metrics.Metrics()
         watch = configmaps.ConfigMapSource(api, store, counters)
+        held = reports.Reports(counters, expiry=settings.report_expiry)
+        publishing = publisher.Publisher(api, held, counters, settings.namespace, instance)
 
         server = grpc.aio.server(options=OPTIONS)
         policy_pb2_grpc.add_PolicyServicer_to_server(  # type: ignore[no-untyped-call]
-            PolicyServicer(store, counters, settings.trust_domain), server
+            PolicyServicer(store, counters, settings.trust_domain, held), server
         )
         stack.push_async_callback(server.stop, 1.0)
         health_servicer = health.aio.HealthServicer()
@@ -291,6 +370,7 @@ async def start(settings: Settings) -> Running:
             loop.create_task(watch.run()),
             loop.create_task(_reload(source, material, certificate)),
             loop.create_task(_become_ready(watch, health_servicer, ready)),
+            loop.create_task(publishing.run()),
         ]
 
         async def cancel() -> None:
@@ -300,11 +380,14 @@ async def start(settings: Settings) -> Running:
 
         stack.push_async_callback(cancel)
         logger.info(
-            "policy server %s listening on port %d (trust domain %s), admin on port %d",
+            "policy server %s listening on port %d (trust domain %s), admin on port %d; "
+            "publishing proxy reports to namespace %s as %s",
             own.dns_name,
             port,
             settings.trust_domain,
             admin_port,
+            settings.namespace,
+            proxyreports.data_key(instance),
         )
     except BaseException:
         await stack.aclose()
@@ -314,9 +397,46 @@ async def start(settings: Settings) -> Running:
         admin_port=admin_port,
         server=server,
         store=store,
+        reports=held,
         synced=watch.synced,
         _cleanup=stack,
     )
+
+
+def _instance(settings: Settings) -> str:
+    """This replica's name (see ``Settings.instance``), checked: a key of ConfigMaps."""
+    if not (
+        settings.namespace
+        and len(settings.namespace) <= 63
+        and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", settings.namespace)
+    ):
+        raise errors.ConfigError(
+            f"namespace {settings.namespace[:80]!r} is not a Kubernetes namespace name: set "
+            "--namespace (MESHWARD_NAMESPACE) to the one the policy server runs in"
+        )
+    instance = settings.instance or os.environ.get("POD_NAME", "") or socket.gethostname()
+    if not re.fullmatch(proxyreports.INSTANCE, instance):
+        raise errors.ConfigError(
+            f"replica name {instance[:80]!r} can not name a ConfigMap key (1 to 200 of "
+            "a-z A-Z 0-9 . _ -): set the POD_NAME environment variable to the pod's name"
+        )
+    return instance
+
+
+async def _check_report_access(api: client.ApiClient, namespace: str) -> None:
+    """Log, without refusing to start, when the proxies' reports can not be published: serving
+    policy matters more, and each failed write is logged and counted too."""
+    wanted = [serving.Access("", "configmaps", verb, namespace) for verb in REPORT_VERBS]
+    missing = await serving.missing_access(api, wanted)
+    if missing:
+        logger.error(
+            "the policy server may not %s configmaps in namespace %s, so the proxies' trust-"
+            "state reports will not be published and anchor rotations will wait: grant it a "
+            'Role there with the rule {apiGroups: [""], resources: [configmaps], verbs: [%s]}',
+            " or ".join(access.verb for access in missing),
+            namespace,
+            ", ".join(REPORT_VERBS),
+        )
 
 
 async def serve(settings: Settings) -> None:

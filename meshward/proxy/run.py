@@ -13,6 +13,8 @@ Wiring, in start order:
    for their next connection, and may bring a renewal forward.
 2. The policy source (a file, or the policy service) follows the namespace's compiled document;
    each update is handed to the inbound side, which closes live connections it no longer allows.
+   With the policy service, :mod:`~meshward.proxy.report` also reports the trust state held
+   (bundle, leaf issuer) to it.
 3. Local mode listeners: one inbound listener per ``LISTEN_PORT=APP_PORT`` entry, one outbound
    listener per ``LISTEN_PORT=[IDENTITY@]HOST:PORT`` entry; with no such entries, transparent
    mode (:mod:`~meshward.proxy.transparent`) on the inbound and outbound listener addresses.
@@ -50,6 +52,7 @@ from meshward.proxy import (
     outbound,
     policy_source,
     policy_stream,
+    report,
     settings,
     tls,
     transparent,
@@ -254,6 +257,20 @@ async def start(config: settings.ProxySettings) -> Running:
     )
     holder.append(inbound_side)
     outbound_side = outbound.Outbound(client_context=contexts.client, metrics=proxy_metrics)
+    reporter = (
+        report.Reporter(
+            source.address,
+            source.server_name,
+            config.namespace,
+            config.pod_name,
+            key=key_pem,
+            certified=lambda: contexts.certified,
+            bundle=lambda: roots.current,
+            interval=config.report_interval,
+        )
+        if isinstance(source, policy_stream.StreamSource) and config.pod_name is not None
+        else None
+    )
     answers = admin.Admin(
         metrics=proxy_metrics, certified=lambda: contexts.certified, trust=lambda: roots.current
     )
@@ -279,6 +296,9 @@ async def start(config: settings.ProxySettings) -> Running:
         tasks.append(loop.create_task(workload.run(), name="identity"))
         tasks.append(loop.create_task(source.run(), name="policy"))
         tasks.append(loop.create_task(roots.run(), name="trust-roots"))
+        if reporter is not None:
+            closers.append(reporter.close)
+            tasks.append(loop.create_task(reporter.run(), name="report"))
         for entry in config.local_inbound:
             bound = await _bind(
                 f"inbound {entry.listen}",

@@ -20,6 +20,10 @@
                                            meshward-policy ConfigMap's file), or instead:
     MESHWARD_PROXY_POLICY_SVC_ADDR         the policy service's host:port, and
     MESHWARD_PROXY_POLICY_SVC_NAME         the DNS name its certificate carries
+    MESHWARD_PROXY_REPORT_INTERVAL         with the policy service: seconds between the
+                                           heartbeats reporting the proxy's trust state to it
+                                           (default 30; the server forgets a proxy after 90 s,
+                                           so change it only in tests)
     MESHWARD_PROXY_POD_NAME                the pod's name: the policy document lists pods by
                                            name, with the labels Servers select them by
     MESHWARD_PROXY_LOCAL_INBOUND           local mode: LISTEN_PORT=APP_PORT[,...]
@@ -78,6 +82,7 @@ ADMIN_LISTEN_ADDR = "MESHWARD_PROXY_ADMIN_LISTEN_ADDR"
 POLICY_FILE = "MESHWARD_PROXY_POLICY_FILE"
 POLICY_SVC_ADDR = "MESHWARD_PROXY_POLICY_SVC_ADDR"
 POLICY_SVC_NAME = "MESHWARD_PROXY_POLICY_SVC_NAME"
+REPORT_INTERVAL = "MESHWARD_PROXY_REPORT_INTERVAL"
 POD_NAME = "MESHWARD_PROXY_POD_NAME"
 LOCAL_INBOUND = "MESHWARD_PROXY_LOCAL_INBOUND"
 LOCAL_OUTBOUND = "MESHWARD_PROXY_LOCAL_OUTBOUND"
@@ -98,6 +103,7 @@ EXAMPLES = {
     POLICY_FILE: "/var/run/meshward/policy/policy.json",
     POLICY_SVC_ADDR: "meshward-policy.meshward.svc:8090",
     POLICY_SVC_NAME: "meshward-policy.meshward.serviceaccount.identity.meshward.cluster.local",
+    REPORT_INTERVAL: "30",
     POD_NAME: "web-5d8f7c9b4-x2x7q",
     LOCAL_INBOUND: "4143=8080,4144=9090",
     LOCAL_OUTBOUND: "4140=web.emojivoto.serviceaccount.identity.meshward.cluster.local"
@@ -117,6 +123,8 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _WILDCARDS = frozenset({"0.0.0.0", "::"})
 DEFAULT_RENEW_JITTER = 5.0
 MAX_RENEW_JITTER = 300.0
+DEFAULT_REPORT_INTERVAL = 30.0
+MIN_REPORT_INTERVAL, MAX_REPORT_INTERVAL = 0.1, 300.0
 
 _T = TypeVar("_T")
 
@@ -202,6 +210,8 @@ class ProxySettings:
     renew_jitter: float = DEFAULT_RENEW_JITTER
     """The longest random delay, in seconds, before an early renewal asked for by
     ``renew-leaves-before``, so that a namespace of proxies does not renew at one instant."""
+    report_interval: float = DEFAULT_REPORT_INTERVAL
+    """Seconds between heartbeats reporting the trust state to the policy service."""
 
     @property
     def transparent(self) -> bool:
@@ -272,6 +282,9 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
     renew_jitter: float | None = DEFAULT_RENEW_JITTER
     if env.get(RENEW_JITTER, "").strip():
         renew_jitter = read(RENEW_JITTER, _renew_jitter)
+    report_interval: float | None = DEFAULT_REPORT_INTERVAL
+    if env.get(REPORT_INTERVAL, "").strip():
+        report_interval = read(REPORT_INTERVAL, _report_interval)
     named = list(listeners.items())
     named += [(LOCAL_INBOUND, entry.listen) for entry in local_inbound]
     named += [(LOCAL_OUTBOUND, entry.listen) for entry in local_outbound]
@@ -295,7 +308,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
     assert identity is not None and svc_addr is not None and svc_name is not None
     inbound, outbound, admin = listeners.values()
     assert inbound is not None and outbound is not None and admin is not None
-    assert renew_jitter is not None
+    assert renew_jitter is not None and report_interval is not None
     return ProxySettings(
         identity_dir=identity_dir,
         trust_anchors=trust_anchors,
@@ -316,6 +329,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         mesh_networks=mesh_networks,
         trust_anchors_file=trust_anchors_file,
         renew_jitter=renew_jitter,
+        report_interval=report_interval,
     )
 
 
@@ -480,6 +494,19 @@ def _renew_jitter(value: str) -> float:
     return seconds
 
 
+def _report_interval(value: str) -> float:
+    text = value.strip().removesuffix("s")
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise _Invalid("is not a number of seconds") from None
+    if not math.isfinite(seconds) or not MIN_REPORT_INTERVAL <= seconds <= MAX_REPORT_INTERVAL:
+        raise _Invalid(
+            f"is not between {MIN_REPORT_INTERVAL:g} and {MAX_REPORT_INTERVAL:g} seconds"
+        )
+    return seconds
+
+
 def _token_file(value: str) -> pathlib.Path:
     if _looks_like_token(value):
         raise _Invalid("holds what looks like a token itself, not the path of a token file")
@@ -610,6 +637,8 @@ _DESCRIPTIONS = {
     POLICY_FILE: "the path of the compiled policy document",
     POLICY_SVC_ADDR: "the policy service's host:port",
     POLICY_SVC_NAME: "the DNS name on the policy service's certificate",
+    REPORT_INTERVAL: f"a number of seconds from {MIN_REPORT_INTERVAL:g} to "
+    f"{MAX_REPORT_INTERVAL:g} (or unset it for 30)",
     POD_NAME: "the pod's name",
     LOCAL_INBOUND: "LISTEN_PORT=APP_PORT entries separated by commas",
     LOCAL_OUTBOUND: "LISTEN_PORT=[IDENTITY@]HOST:PORT entries separated by commas",

@@ -17,3 +17,23 @@ class PolicyUpdate(_message.Message):
     document: bytes
     hash: str
     def __init__(self, document: _Optional[bytes] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class ProxyReport(_message.Message):
+    __slots__ = ("namespace", "pod", "trust_bundle_fingerprint", "leaf_issuer_fingerprint", "leaf_not_after_unix", "proxy_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LEAF_ISSUER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LEAF_NOT_AFTER_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PROXY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    pod: str
+    trust_bundle_fingerprint: str
+    leaf_issuer_fingerprint: str
+    leaf_not_after_unix: int
+    proxy_version: str
+    def __init__(self, namespace: _Optional[str] = ..., pod: _Optional[str] = ..., trust_bundle_fingerprint: _Optional[str] = ..., leaf_issuer_fingerprint: _Optional[str] = ..., leaf_not_after_unix: _Optional[int] = ..., proxy_version: _Optional[str] = ...) -> None: ...
+
+class ReportAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

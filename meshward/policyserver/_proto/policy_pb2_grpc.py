@@ -41,6 +41,11 @@ class PolicyStub:
                 request_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.WatchRequest.SerializeToString,
                 response_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.PolicyUpdate.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/meshward.policy.v1.Policy/Report',
+                request_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ProxyReport.SerializeToString,
+                response_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ReportAck.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
@@ -58,6 +63,19 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """Report records what one proxy holds now; proxies send it when that changes and as a
+        heartbeat (every 30 s by default). The server keeps the latest report per pod, forgets a pod
+        not heard from for three heartbeats, and publishes them for the operator (see
+        meshward/proxyreports.py). Errors: PERMISSION_DENIED for another namespace or trust domain,
+        UNAUTHENTICATED for a certificate without a SPIFFE ID or one that has expired,
+        INVALID_ARGUMENT for a malformed field, RESOURCE_EXHAUSTED when the namespace already has as
+        many pods reporting as the server keeps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -65,6 +83,11 @@ def add_PolicyServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.WatchRequest.FromString,
                     response_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.PolicyUpdate.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ProxyReport.FromString,
+                    response_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +119,33 @@ class Policy:
             '/meshward.policy.v1.Policy/Watch',
             meshward_dot_policyserver_dot___proto_dot_policy__pb2.WatchRequest.SerializeToString,
             meshward_dot_policyserver_dot___proto_dot_policy__pb2.PolicyUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshward.policy.v1.Policy/Report',
+            meshward_dot_policyserver_dot___proto_dot_policy__pb2.ProxyReport.SerializeToString,
+            meshward_dot_policyserver_dot___proto_dot_policy__pb2.ReportAck.FromString,
             options,
             channel_credentials,
             insecure,
