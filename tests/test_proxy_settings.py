@@ -543,13 +543,15 @@ def test_the_pod_name(env: dict[str, str]) -> None:
 
 def test_local_mode_ports(env: dict[str, str]) -> None:
     env[settings.INBOUND_LISTEN_ADDR] = "127.0.0.1:4143"
-    env[settings.LOCAL_INBOUND] = "4143=8080, 4144=9090"
+    env[settings.LOCAL_INBOUND] = "4143=8080, 4144=9090, 4145=18080@8080"
     env[settings.LOCAL_OUTBOUND] = f"4140={LOCAL_NAME}@127.0.0.1:5143,4141=10.0.0.9:4143"
     found = settings.from_env(env)
     assert found.local_inbound == (
         settings.LocalInbound(Address("127.0.0.1", 4143), 8080),
         settings.LocalInbound(Address("127.0.0.1", 4144), 9090),
+        settings.LocalInbound(Address("127.0.0.1", 4145), 18080, pod_port=8080),
     )
+    assert [entry.policy_port for entry in found.local_inbound] == [8080, 9090, 8080]
     assert found.local_outbound == (
         settings.LocalOutbound(Address("127.0.0.1", 4140), Address("127.0.0.1", 5143), LOCAL_NAME),
         settings.LocalOutbound(Address("127.0.0.1", 4141), Address("10.0.0.9", 4143), None),
@@ -563,6 +565,8 @@ def test_local_mode_ports(env: dict[str, str]) -> None:
         (settings.LOCAL_INBOUND, "4143", "'4143', which is not LISTEN_PORT=..."),
         (settings.LOCAL_INBOUND, "4143=http", "application port 'http'"),
         (settings.LOCAL_INBOUND, "0=8080", "listen port '0'"),
+        (settings.LOCAL_INBOUND, "4143=18080@", "pod port ''"),
+        (settings.LOCAL_INBOUND, "4143=18080@http", "pod port 'http'"),
         (settings.LOCAL_OUTBOUND, "4140=127.0.0.1", "which is not host:port"),
         (settings.LOCAL_OUTBOUND, "4140=web@127.0.0.1:4143", "names peer identity 'web'"),
     ],

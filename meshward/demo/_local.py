@@ -1,8 +1,10 @@
 """Local mode: every workload's application and proxy on loopback, ports mapped explicitly.
 
 Each serving application listens on a free loopback port; its proxy's inbound port is where
-peers reach it, decided as :data:`~meshward.demo._workloads.APP_PORT` (see
-:mod:`meshward.demo._sidecar`). Each caller's proxy has one outbound port per workload it calls,
+peers reach it, decided as :data:`~meshward.demo._workloads.APP_PORT`, the port the application
+has in its pod (``MESHWARD_PROXY_LOCAL_INBOUND``'s ``LISTEN=APP@POD_PORT`` form, since web, emoji
+and voting can not all bind 8080 on one host). Each caller's proxy has one outbound port per
+workload it calls,
 which carries the connection over mTLS to that workload's inbound port and checks that the peer
 proves the expected identity. Clients come from 127.0.0.1, so the operator is told that loopback
 is a cluster network (a ServerAuthorization without ``networks`` means the cluster networks).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from meshward.demo import _mesh, _processes, _sidecar, _workloads
+from meshward.demo import _mesh, _processes, _workloads
 from meshward.policy import compile as policy_compile
 from meshward.proxy import settings
 
@@ -58,10 +60,11 @@ async def start(
             settings.INBOUND_LISTEN_ADDR: f"{HOST}:{_mesh.free_port()}",
             settings.OUTBOUND_LISTEN_ADDR: f"{HOST}:{_mesh.free_port()}",
             settings.ADMIN_LISTEN_ADDR: f"{HOST}:{admin}",
-            _sidecar.POD_PORT: str(_workloads.APP_PORT),
         }
         if spec.serves:
-            env[settings.LOCAL_INBOUND] = f"{inbound[spec.name]}={app_ports[spec.name]}"
+            env[settings.LOCAL_INBOUND] = (
+                f"{inbound[spec.name]}={app_ports[spec.name]}@{_workloads.APP_PORT}"
+            )
         if outbound:
             env[settings.LOCAL_OUTBOUND] = ",".join(
                 f"{port}={_workloads.SPECS[target].identity}@{HOST}:{inbound[target]}"
@@ -71,7 +74,7 @@ async def start(
         log = mesh.logs / f"{spec.name}-proxy.log"
         await processes.start(
             f"{spec.name}-proxy",
-            [*_mesh.python(), "-m", "meshward.demo._sidecar"],
+            [*_mesh.python(), "-m", "meshward.proxy"],
             log,
             {**os.environ, **env},
         )

@@ -302,7 +302,9 @@ async def start(config: settings.ProxySettings) -> Running:
         for entry in config.local_inbound:
             bound = await _bind(
                 f"inbound {entry.listen}",
-                inbound_side.serve(entry.listen.host, entry.listen.port, entry.app_port),
+                inbound_side.serve(
+                    entry.listen.host, entry.listen.port, entry.app_port, entry.policy_port
+                ),
             )
             closers.append(_closer(bound))
             running.inbound_ports.append(bound.port)

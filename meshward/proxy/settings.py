@@ -26,7 +26,7 @@
                                            so change it only in tests)
     MESHWARD_PROXY_POD_NAME                the pod's name: the policy document lists pods by
                                            name, with the labels Servers select them by
-    MESHWARD_PROXY_LOCAL_INBOUND           local mode: LISTEN_PORT=APP_PORT[,...]
+    MESHWARD_PROXY_LOCAL_INBOUND           local mode: LISTEN_PORT=APP_PORT[@POD_PORT][,...]
     MESHWARD_PROXY_LOCAL_OUTBOUND          local mode: LISTEN_PORT=[IDENTITY@]HOST:PORT[,...]
     MESHWARD_PROXY_OUTBOUND_MESH_NETWORKS  transparent mode: CIDRs whose destinations get mTLS,
                                            default the private ranges (10/8, 100.64/10,
@@ -160,10 +160,17 @@ class Address:
 
 @dataclasses.dataclass(frozen=True)
 class LocalInbound:
-    """Local mode: connections to ``listen`` go to the application on ``app_port``."""
+    """Local mode: connections to ``listen`` go to the application on ``app_port``, and policy
+    decides them as connections to ``pod_port`` (the port the application has in its pod, when
+    several applications share one host and can not all bind it)."""
 
     listen: Address
     app_port: int
+    pod_port: int | None = None
+
+    @property
+    def policy_port(self) -> int:
+        return self.pod_port or self.app_port
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,10 +580,17 @@ def _port(text: str, what: str) -> int:
 
 
 def _local_inbound(value: str, host: str) -> tuple[LocalInbound, ...]:
-    return tuple(
-        LocalInbound(Address(host, _port(listen, "listen port")), _port(app, "application port"))
-        for listen, app in _entries(value)
-    )
+    found = []
+    for listen, target in _entries(value):
+        app, at, pod = target.partition("@")
+        found.append(
+            LocalInbound(
+                Address(host, _port(listen, "listen port")),
+                _port(app, "application port"),
+                _port(pod, "pod port") if at else None,
+            )
+        )
+    return tuple(found)
 
 
 def _local_outbound(value: str, host: str) -> tuple[LocalOutbound, ...]:
@@ -640,7 +654,7 @@ _DESCRIPTIONS = {
     REPORT_INTERVAL: f"a number of seconds from {MIN_REPORT_INTERVAL:g} to "
     f"{MAX_REPORT_INTERVAL:g} (or unset it for 30)",
     POD_NAME: "the pod's name",
-    LOCAL_INBOUND: "LISTEN_PORT=APP_PORT entries separated by commas",
+    LOCAL_INBOUND: "LISTEN_PORT=APP_PORT[@POD_PORT] entries separated by commas",
     LOCAL_OUTBOUND: "LISTEN_PORT=[IDENTITY@]HOST:PORT entries separated by commas",
     MESH_NETWORKS: "CIDRs separated by commas",
 }
