@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help venv control-plane lint test unit bench proto demo clean
+.PHONY: help venv control-plane lint test unit bench proto demo lock lock-upgrade clean
 
 help:
 	@echo "make demo    the namespace-jail lockdown on a local control plane, before and after"
@@ -12,6 +12,7 @@ help:
 	@echo "make bench   benchmarks (policy compile/decide, apply-to-ConfigMap latency)"
 	@echo "make lint    ruff and mypy only"
 	@echo "make proto   regenerate the gRPC stubs from meshward/identity/_proto/identity.proto"
+	@echo "make lock    regenerate requirements.lock and requirements-build.lock from pyproject.toml"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +25,8 @@ control-plane: venv
 	$(VENV)/bin/meshward dev build
 
 lint: venv
-	$(VENV)/bin/ruff check meshward tests bench
-	$(VENV)/bin/ruff format --check meshward tests bench
+	$(VENV)/bin/ruff check meshward tests bench scripts
+	$(VENV)/bin/ruff format --check meshward tests bench scripts
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -46,6 +47,12 @@ proto: venv
 
 demo: venv control-plane
 	$(VENV)/bin/meshward demo
+
+lock:
+	python3 scripts/lock.py
+
+lock-upgrade:
+	python3 scripts/lock.py --upgrade
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
