@@ -9,6 +9,8 @@ Each check prints one line with a mark and, unless it passed, a hint. In order:
     trust anchors valid       the trust-roots ConfigMap holds CA certificates, valid now
     issuer valid              the issuer Secret holds a CA and its key, chaining to the anchors
     identity service          answers a gRPC health check over TLS verified against the anchors
+    proxy certificates        no proxy that reports to the policy service holds a certificate
+                              that has expired or expires within ``--proxy-window`` (6 h)
 
 A certificate inside its warning window is a warning, not a failure: still valid, but it has to
 be rotated soon. The window is ``--anchor-window`` / ``--issuer-window``; by default 60 days for
@@ -44,12 +46,14 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes_asyncio import client, config
 
-from meshward import errors, kube
+from meshward import errors, kube, proxyreports
 from meshward.identity import authority, commands, pki, server
 from meshward.install import _manifests, _rbac
 
 ANCHOR_WINDOW = datetime.timedelta(days=60)
 ISSUER_WINDOW = datetime.timedelta(days=7)
+PROXY_WINDOW = datetime.timedelta(hours=6)
+"""A proxy renews its 24 h leaf with about 7 h left; less than this left means renewals fail."""
 TIMEOUT = 5.0
 
 
@@ -88,6 +92,7 @@ class Settings:
     """None: :data:`ANCHOR_WINDOW`, capped at a quarter of each anchor's lifetime."""
     issuer_window: datetime.timedelta | None = None
     """None: :data:`ISSUER_WINDOW`, capped at a quarter of the issuer's lifetime."""
+    proxy_window: datetime.timedelta = PROXY_WINDOW
     timeout: float = TIMEOUT
 
 
@@ -462,6 +467,71 @@ class _Checker:
             "verified against the anchors",
         )
 
+    async def proxies(self) -> Result:
+        name = "proxy certificates"
+        ns = self.settings.namespace
+        try:
+            listing = await client.CoreV1Api(self.api).list_namespaced_config_map(
+                ns,
+                label_selector=f"{proxyreports.LABEL}=true",
+                _request_timeout=self.settings.timeout,
+            )
+        except (client.exceptions.ApiException, TimeoutError, aiohttp.ClientError, OSError) as e:
+            detail, hint = self._api_problem(
+                e, f"the proxies' reports in namespace {ns}", "read them with list configmaps"
+            )
+            return Result(name, Outcome.FAIL, detail, hint)
+        live: list[tuple[str, proxyreports.Proxy]] = []
+        for configmap in listing.items:
+            meshed = (configmap.metadata.annotations or {}).get(proxyreports.NAMESPACE_ANNOTATION)
+            if meshed:
+                collected = proxyreports.collect(configmap.data)
+                live += [(f"{meshed}/{pod}", p) for pod, p in collected.live(self.now).items()]
+        if not live:
+            return Result(
+                name,
+                Outcome.PASS,
+                "no proxy reports (proxies that follow the policy service report their "
+                "certificates to it)",
+            )
+        live.sort(key=lambda item: item[1].leaf_not_after)
+        window = self.settings.proxy_window
+        expired = [pod for pod, p in live if p.leaf_not_after <= self.now]
+        expiring = [pod for pod, p in live if self.now < p.leaf_not_after <= self.now + window]
+        logs = "kubectl logs -n NAMESPACE POD -c meshward-proxy says why it can not renew"
+        if expired:
+            return Result(
+                name,
+                Outcome.FAIL,
+                f"{len(expired)} of {len(live)} proxies hold an expired certificate: "
+                f"{_listed(expired)}",
+                f"their mTLS connections fail: {logs}; check the identity service line above",
+            )
+        if expiring:
+            return Result(
+                name,
+                Outcome.WARN,
+                f"{len(expiring)} of {len(live)} proxies' certificates expire within "
+                f"{_hours(window)}: {_listed(expiring)}",
+                f"a proxy renews with about 7 h left, so these renewals are failing: {logs}",
+            )
+        soonest = live[0][1].leaf_not_after - self.now
+        return Result(
+            name,
+            Outcome.PASS,
+            f"{len(live)} proxies report, every certificate valid for more than "
+            f"{_hours(window)} (the soonest expires in {_hours(soonest)})",
+        )
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _hours(span: datetime.timedelta) -> str:
+    return f"{span.total_seconds() / 3600:.1f} h"
+
 
 async def _connect(kubeconfig: pathlib.Path | None) -> client.ApiClient:
     if kubeconfig is None:
@@ -501,6 +571,7 @@ async def run(settings: Settings) -> list[Result]:
         results.append(await checker.trust_anchors())
         results.append(await checker.issuer())
         results.append(await checker.identity())
+        results.append(await checker.proxies())
         return results
     finally:
         await api.close()
@@ -516,6 +587,7 @@ def _skipped(why: str) -> list[Result]:
             "trust anchors valid",
             "issuer valid",
             "identity service answering",
+            "proxy certificates",
         )
     ]
 
@@ -576,6 +648,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "lifetime)",
     )
     parser.add_argument(
+        "--proxy-window",
+        type=commands.duration,
+        default=PROXY_WINDOW,
+        help="warn when a reporting proxy's certificate expires within this (default 6h)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=TIMEOUT, help="seconds per network call (default 5)"
     )
     parser.set_defaults(func=_main)
@@ -601,6 +679,7 @@ def _main(args: argparse.Namespace) -> int:
         identity_name=identity_name,
         anchor_window=args.anchor_window,
         issuer_window=args.issuer_window,
+        proxy_window=args.proxy_window,
         timeout=args.timeout,
     )
     results = asyncio.run(run(settings))

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client
 
-from meshward import check, devcluster
+from meshward import check, devcluster, proxyreports
 from meshward.identity import commands, pki, trustdomain
 from tests import kubetest
 from tests.test_identity_service import IdentityService, init_trust, meshward
@@ -42,6 +42,7 @@ NAMES = (
     "trust anchors valid",
     "issuer valid",
     "identity service answering",
+    "proxy certificates",
 )
 
 
@@ -119,11 +120,12 @@ def test_every_check_passes_on_a_running_install(install: Install) -> None:
     proc, lines = install.check()
     assert proc.returncode == 0, proc.stdout
     assert all(line.mark == "[ok]  " and not line.hint for line in lines.values()), proc.stdout
-    assert proc.stdout.splitlines()[-1] == "all 7 checks passed"
+    assert proc.stdout.splitlines()[-1] == "all 8 checks passed"
     assert lines["CRDs established"].detail == "all 7 served"
     assert f"{WEBHOOK_NAME}: " in lines["webhook (validating)"].detail
     assert "certificate verified against the caBundle" in lines["webhook (mutating)"].detail
     assert "SERVING" in lines["identity service answering"].detail
+    assert lines["proxy certificates"].detail.startswith("no proxy reports")
     assert "CN=issuer.identity.meshward.cluster.local chains to the anchors" in (
         lines["issuer valid"].detail
     )
@@ -169,8 +171,8 @@ def test_an_issuer_left_near_its_expiry_is_a_warning_with_a_hint(install: Instal
         assert "in 2.0 days: inside the 2.5-day warning window" in issuer.detail
         assert "not rotated in time" in issuer.hint and "kubectl get trustdomain" in issuer.hint
         others = [line.mark for name, line in lines.items() if name != "issuer valid"]
-        assert others == ["[ok]  "] * 6, proc.stdout
-        assert proc.stdout.splitlines()[-1] == "6 passed, 1 warning(s), 0 failed, 0 skipped"
+        assert others == ["[ok]  "] * 7, proc.stdout
+        assert proc.stdout.splitlines()[-1] == "7 passed, 1 warning(s), 0 failed, 0 skipped"
         # An explicit window of a day: two days left is fine again.
         proc, lines = install.check("--issuer-window", "1d")
         assert proc.returncode == 0 and lines["issuer valid"].mark == "[ok]  ", proc.stdout
@@ -193,7 +195,8 @@ def test_a_stopped_identity_service_fails_with_a_hint(install: Install) -> None:
     assert identity.detail.startswith(f"127.0.0.1:{install.identity.port}: UNAVAILABLE")
     assert "kubectl -n meshward get deploy meshward-identity" in identity.hint
     assert "port-forward svc/meshward-identity 8080" in identity.hint
-    assert [line.mark for line in lines.values()][:-1] == ["[ok]  "] * 6
+    others = [line.mark for name, line in lines.items() if name != "identity service answering"]
+    assert others == ["[ok]  "] * 7, proc.stdout
 
 
 @pytest.mark.cluster
@@ -269,12 +272,80 @@ def test_no_api_server_fails_first_and_skips_the_rest(tmp_path: pathlib.Path) ->
     first = lines["control plane reachable"]
     assert first.mark == "[FAIL]" and f"https://127.0.0.1:{port} did not answer" in first.detail
     assert "--kubeconfig" in first.hint
-    assert [line.mark for line in lines.values()][1:] == ["[skip]"] * 6
+    assert [line.mark for line in lines.values()][1:] == ["[skip]"] * 7
     missing = meshward("check", "--kubeconfig", str(tmp_path / "absent"))
     assert missing.returncode == 1
     assert parse(missing.stdout)["control plane reachable"].detail == (
         f"{tmp_path / 'absent'} is not a file"
     )
+
+
+def _report(plane: Plane, namespace: str, leaves: dict[str, datetime.timedelta]) -> str:
+    """Publish, as the policy server does, live reports of proxies whose leaves expire in the
+    given times; returns the ConfigMap's name."""
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    fingerprint = "sha256:" + "ab" * 32
+    published = proxyreports.publish(
+        "meshward-policy-0",
+        [
+            proxyreports.Proxy(
+                pod=pod,
+                identity=f"spiffe://cluster.local/ns/{namespace}/sa/default",
+                trust_bundle=fingerprint,
+                leaf_issuer=fingerprint,
+                leaf_not_after=now + left,
+                proxy_version="0.1.0",
+                reported_at=now,
+            )
+            for pod, left in leaves.items()
+        ],
+        now,
+    )
+    name = proxyreports.configmap_name(namespace)
+    body = client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(
+            name=name,
+            namespace="meshward",
+            labels={proxyreports.LABEL: "true"},
+            annotations={proxyreports.NAMESPACE_ANNOTATION: namespace},
+        ),
+        data={proxyreports.data_key("meshward-policy-0"): published.to_json()},
+    )
+    plane.core.create_namespaced_config_map("meshward", body)
+    return name
+
+
+@pytest.mark.cluster
+def test_proxies_whose_certificates_run_out_are_named(install: Install) -> None:
+    hour = datetime.timedelta(hours=1)
+    healthy = _report(install.plane, "shop", {"web-0": 20 * hour, "web-1": 9 * hour})
+    try:
+        proc, lines = install.check()
+        assert proc.returncode == 0, proc.stdout
+        assert lines["proxy certificates"].detail.startswith(
+            "2 proxies report, every certificate valid for more than 6.0 h (the soonest "
+            "expires in 9.0 h)"
+        )
+        failing = _report(install.plane, "pay", {"api-0": 2 * hour, "api-1": -hour})
+        try:
+            proc, lines = install.check()
+            proxies = lines["proxy certificates"]
+            assert proc.returncode == 1 and proxies.mark == "[FAIL]", proc.stdout
+            assert proxies.detail == "1 of 4 proxies hold an expired certificate: pay/api-1"
+            assert "kubectl logs -n NAMESPACE POD -c meshward-proxy" in proxies.hint
+            install.plane.core.delete_namespaced_config_map(failing, "meshward")
+            failing = _report(install.plane, "pay", {"api-0": 2 * hour})
+            proc, lines = install.check()
+            proxies = lines["proxy certificates"]
+            assert proc.returncode == 1 and proxies.mark == "[warn]", proc.stdout
+            assert proxies.detail == "1 of 3 proxies' certificates expire within 6.0 h: pay/api-0"
+            assert "renewals are failing" in proxies.hint
+            proc, lines = install.check("--proxy-window", "1h")
+            assert proc.returncode == 0, proc.stdout
+        finally:
+            install.plane.core.delete_namespaced_config_map(failing, "meshward")
+    finally:
+        install.plane.core.delete_namespaced_config_map(healthy, "meshward")
 
 
 def _cert(lifetime: datetime.timedelta) -> x509.Certificate:
