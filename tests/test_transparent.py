@@ -345,6 +345,13 @@ async def outside_server(network: netns.Network) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
+IPV6_DIAL = """
+import socket, sys
+with socket.create_connection(("::1", int(sys.argv[1])), timeout=5) as s:
+    print("accepted, then closed" if s.recv(1) == b"" else "answered")
+"""
+
+
 @pytest.mark.cluster
 async def test_an_unmodified_client_reaches_a_meshed_server_over_mtls_and_policy_holds(
     network: netns.Network,
@@ -469,6 +476,13 @@ async def test_an_unmodified_client_reaches_a_meshed_server_over_mtls_and_policy
 
         # The proxy's own inbound port is not a way in: nothing behind it to forward to.
         assert "error" in await http_get(pods["client"], server_ip, interception.INBOUND_PORT)
+
+        # Where the pod has IPv6, proxy-init redirects it too, and the proxy listens for it on
+        # the same ports (a dial straight to them is accepted, then closed: not redirected).
+        if pods["web"].run("cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6").strip() == "0":
+            for port in (interception.INBOUND_PORT, interception.OUTBOUND_PORT):
+                answer = pods["web"].run(sys.executable, "-c", IPV6_DIAL, str(port))
+                assert answer.strip() == "accepted, then closed", (port, answer, web.log_tail())
 
         # Another ServiceAccount over mTLS: denied by the server's policy.
         refused = await http_get(pods["intruder"], server_ip, APP_PORT)

@@ -46,6 +46,16 @@ class Listener:
         await asyncio.gather(self._accepting, *list(self._tasks), return_exceptions=True)
 
 
+_TWINS = {"0.0.0.0": "::", "127.0.0.1": "::1"}
+
+
+def ipv6_twin(host: str) -> str | None:
+    """The IPv6 address that listens for what ``host`` listens for in IPv4 (every address, or
+    loopback), or None: transparent mode binds both, since the pod's ip6tables rules redirect
+    IPv6 to the same ports. One socket per family (see :func:`listen`)."""
+    return _TWINS.get(host)
+
+
 async def listen(host: str, port: int, handle: Handler, what: str) -> Listener:
     """Listen on ``host:port`` (``what`` names the listener in logs)."""
     loop = asyncio.get_running_loop()

@@ -341,6 +341,19 @@ async def start(config: settings.ProxySettings) -> Running:
             )
             closers.append(_closer(redirected_out))
             running.outbound_ports.append(redirected_out.port)
+            # proxy-init redirects IPv6 too wherever the pod has it: take it on the same ports.
+            twins = (
+                (config.inbound.host, redirected_in.port, side.serve_inbound),
+                (config.outbound.host, redirected_out.port, side.serve_outbound),
+            )
+            for host, port, serve in twins:
+                twin = listener.ipv6_twin(host)
+                if twin is None:
+                    continue
+                try:
+                    closers.append(_closer(await serve(twin, port)))
+                except OSError as exc:
+                    logger.info("no IPv6 listener on [%s]:%d (%s)", twin, port, exc.strerror)
         admin_server = await _bind(
             f"admin {config.admin}", answers.serve(config.admin.host, config.admin.port)
         )
