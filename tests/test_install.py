@@ -110,7 +110,7 @@ POLICY_KINDS = (
     "networkauthentications",
     "peerauthentications",
 )
-WEBHOOK_NAME = "validate.policy.meshward.io"
+WEBHOOK_NAME = "operator.meshward.io"
 OPERATOR_CLUSTER_RULES = (
     {("", "namespaces", verb, "") for verb in ("get", "list", "watch")}
     | {("", "pods", verb, "") for verb in ("list", "watch")}

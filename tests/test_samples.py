@@ -213,14 +213,15 @@ def test_deny_with_probes(
     )
     assert not decision.decide(policy, api, decision.Client(None, "10.20.99.5", False)).allowed
     assert not decision.decide(policy, api, decision.Client(None, "192.168.1.1", False)).allowed
-    probe = decision.decide(
-        policy, admin, decision.Client(None, "10.0.0.1", False), decision.Request("GET", "/live")
+    kubelet = decision.Client(None, "10.0.0.1", False)
+    probe = decision.decide(policy, admin, kubelet, decision.Request("GET", "/live"))
+    assert probe.allowed and (probe.rule_kind, probe.rule_name) == (
+        "AuthorizationPolicy",
+        "probes-from-kubelet",
     )
-    assert probe.allowed and probe.rule_kind == "probe"
-    assert not decision.decide(
-        policy, admin, decision.Client(None, "10.0.0.1", False), decision.Request("GET", "/debug")
-    ).allowed
+    # The probe port is the nodes' only: the office, and the nodes on the API port, are refused.
     assert not decision.decide(policy, admin, decision.Client(None, "10.20.1.5", False)).allowed
+    assert not decision.decide(policy, api, kubelet, decision.Request("GET", "/live")).allowed
 
 
 def test_injected_namespace(

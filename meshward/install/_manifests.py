@@ -77,7 +77,7 @@ class Settings:
         if not all(resources.is_dns_label(part) for part in self.webhook_name.split(".")):
             raise errors.ConfigError(
                 f"--webhook-name {self.webhook_name!r} is not a DNS name: use lowercase "
-                "labels joined by dots, such as validate.policy.meshward.io"
+                "labels joined by dots, such as operator.meshward.io"
             )
 
     def identity_name(self, service_account: str) -> str:

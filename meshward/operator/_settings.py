@@ -70,7 +70,7 @@ class OperatorSettings:
     """0 turns the admission webhooks off: no injection, and policy resources are validated only
     by the operator, which reports in status."""
     webhook_cert_dir: str | None = None
-    webhook_name: str = "validate.policy.meshward.io"
+    webhook_name: str = "operator.meshward.io"
     excluded_namespaces: frozenset[str] = frozenset(
         {"kube-system", "kube-public", "kube-node-lease"}
     )
@@ -232,7 +232,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         webhook_host=env.get(ENV["webhook_host"], "127.0.0.1"),
         webhook_port=int(port_raw),
         webhook_cert_dir=env.get(ENV["webhook_cert_dir"]) or None,
-        webhook_name=env.get(ENV["webhook_name"], "validate.policy.meshward.io"),
+        webhook_name=env.get(ENV["webhook_name"], OperatorSettings.webhook_name),
         excluded_namespaces=excluded,
         injector=injector_from_env(env),
     )
