@@ -329,7 +329,8 @@ class _Checker:
                 e,
                 where,
                 "the operator writes it for the TrustDomain (kubectl get trustdomain shows "
-                "why not); install with meshward install | kubectl apply -f -",
+                "why not); install with meshward install --crds | kubectl apply -f -, then "
+                "meshward install | kubectl apply -f -",
             )
             return Result(name, Outcome.FAIL, detail, hint)
         pem = str((cm.data or {}).get(authority.ANCHORS, "")).encode()
@@ -370,8 +371,10 @@ class _Checker:
                 name,
                 Outcome.WARN,
                 f"{_name(first)} {_left(first, self.now)}: inside the {_days(span)} warning window",
-                "rotate the anchor: add a new one to the bundle, move the issuer to it, then "
-                "drop the old one (the operator does not rotate anchors yet)",
+                "the operator rotates an anchor whose key it holds on its own (kubectl get "
+                "trustdomain -o wide shows the phase; meshward identity rotate starts it now); "
+                "for an anchor of yours, add the new one to the bundle, move the issuer to it, "
+                "then drop the old one",
             )
         earliest = min(anchors, key=lambda a: a.not_valid_after_utc)
         return Result(

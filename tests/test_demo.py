@@ -130,6 +130,21 @@ def test_an_outcome_that_can_not_be_told_is_a_mismatch() -> None:
     assert "observed ??? (connect: TimeoutError)" in _table.mismatches(rows)[0]
 
 
+def test_a_refusal_no_rule_counted_is_a_mismatch() -> None:
+    uncounted = _table.Row(
+        "outsider -> web",
+        ALLOW,
+        _table.Observation(ALLOW, "200", "default policy all-unauthenticated"),
+        DENY,
+        _table.Observation(DENY, "connection reset", None),
+    )
+    assert not uncounted.matches and _table.exit_status([uncounted]) == 1
+    assert _table.mismatches([uncounted]) == [
+        "MISMATCH: outsider -> web after the lockdown: deny (connection reset), but the serving "
+        "proxy counted no decision for it"
+    ]
+
+
 def test_no_rows_is_no_success() -> None:
     assert _table.exit_status([]) == 1
 

@@ -114,7 +114,12 @@ WEBHOOK_NAME = "operator.meshward.io"
 OPERATOR_CLUSTER_RULES = (
     {("", "namespaces", verb, "") for verb in ("get", "list", "watch")}
     | {("", "pods", verb, "") for verb in ("list", "watch")}
-    | {("", "configmaps", v, "") for v in ("get", "list", "watch", "create", "update")}
+    | {("", "configmaps", v, "") for v in ("list", "watch", "create")}
+    | {
+        ("", "configmaps", v, name)
+        for v in ("get", "update")
+        for name in (compiled.CONFIGMAP_NAME, commands.TRUST_ROOTS)
+    }
     | {("", "events", "create", "")}
     | {("policy.meshward.io", kind, v, "") for kind in POLICY_KINDS for v in ("list", "watch")}
     | {("policy.meshward.io", f"{kind}/status", "patch", "") for kind in POLICY_KINDS}
@@ -652,7 +657,14 @@ CAN_I = [
     ),
     ("meshward-operator", ("get", "secrets", "-n", "default"), False),
     ("meshward-operator", ("list", "secrets", "-n", "meshward"), False),
-    ("meshward-operator", ("update", "configmaps", "-n", "default"), True),
+    (
+        "meshward-operator",
+        ("update", f"configmaps/{compiled.CONFIGMAP_NAME}", "-n", "default"),
+        True,
+    ),
+    ("meshward-operator", ("update", f"configmaps/{commands.TRUST_ROOTS}", "-n", "default"), True),
+    ("meshward-operator", ("update", "configmaps/coredns", "-n", "kube-system"), False),
+    ("meshward-operator", ("get", "configmaps/someone-elses", "-n", "default"), False),
     ("meshward-operator", ("delete", "configmaps", "-n", "default"), False),
     ("meshward-operator", ("list", "pods", "--all-namespaces"), True),
     ("meshward-operator", ("create", "pods", "-n", "default"), False),

@@ -305,13 +305,21 @@ class Demo:
             )
 
     async def close(self, keep_logs: pathlib.Path | None) -> None:
-        await self.processes.close()
-        if self.network is not None:
-            await self.network.close()
-        await self.mesh.close()
-        if keep_logs is not None and self.mesh.logs.is_dir():
-            shutil.copytree(self.mesh.logs, keep_logs, dirs_exist_ok=True)
-        devcluster.down(self.mesh.cluster_dir)
+        """Stop and remove everything; a step that fails does not keep the later ones (the
+        control plane last of all) from running."""
+        try:
+            try:
+                await self.processes.close()
+            finally:
+                try:
+                    if self.network is not None:
+                        await self.network.close()
+                finally:
+                    await self.mesh.close()
+                    if keep_logs is not None and self.mesh.logs.is_dir():
+                        shutil.copytree(self.mesh.logs, keep_logs, dirs_exist_ok=True)
+        finally:
+            devcluster.down(self.mesh.cluster_dir)
 
 
 def _serving(log: pathlib.Path) -> Awaitable[bool]:

@@ -36,9 +36,13 @@ class Row:
 
     @property
     def matches(self) -> bool:
+        """Both outcomes as expected, each decided by a rule the serving proxy counted (a
+        refusal no rule counted came from somewhere else)."""
         return (
             self.before.verdict == self.before_expected
             and self.after.verdict == self.after_expected
+            and self.before.rule is not None
+            and self.after.rule is not None
         )
 
 
@@ -101,6 +105,11 @@ def mismatches(rows: list[Row]) -> list[str]:
                 found.append(
                     f"MISMATCH: {row.call} {when} the lockdown: expected {expected.value}, "
                     f"observed {_outcome(seen)}"
+                )
+            elif seen.rule is None:
+                found.append(
+                    f"MISMATCH: {row.call} {when} the lockdown: {_outcome(seen)}, but the "
+                    "serving proxy counted no decision for it"
                 )
     return found
 

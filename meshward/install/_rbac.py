@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from meshward.identity import commands, trustdomain
-from meshward.policy import resources
+from meshward.policy import compiled, resources
 
 OPERATOR, IDENTITY, POLICY = "meshward-operator", "meshward-identity", "meshward-policy"
 """The ServiceAccounts (and Deployments) of the control plane. The identity service's and the
@@ -124,10 +124,18 @@ def operator(webhook_name: str) -> Grants:
             Rule(
                 "",
                 ("configmaps",),
-                ("get", "list", "watch", "create", "update"),
-                "writes the compiled policy (meshward-policy) and the trust bundle "
-                f"({commands.TRUST_ROOTS}) into each namespace it manages, reading them back "
-                "first, and watches them to restore one edited or deleted by hand",
+                ("list", "watch", "create"),
+                "watches the compiled policy (meshward-policy) and the trust bundle "
+                f"({commands.TRUST_ROOTS}) to restore one edited or deleted by hand, creates "
+                "them in each namespace it manages (Kubernetes can not limit create to a name), "
+                "and lists the proxies' reports during an anchor rotation",
+            ),
+            Rule(
+                "",
+                ("configmaps",),
+                ("get", "update"),
+                "reads back and rewrites only those two ConfigMaps",
+                names=(compiled.CONFIGMAP_NAME, commands.TRUST_ROOTS),
             ),
             Rule(
                 "",
