@@ -147,8 +147,8 @@ def test_rbac_is_exactly_what_each_component_calls(default_docs: list[dict[str, 
         ("authentication.k8s.io", "tokenreviews", "create", "")
     }
     assert rules(docs, "ClusterRole", "meshward-policy") == {
-        ("", "configmaps", "list", ""),
-        ("", "configmaps", "watch", ""),
+        ("", "configmaps", "list", compiled.CONFIGMAP_NAME),
+        ("", "configmaps", "watch", compiled.CONFIGMAP_NAME),
     }
     assert rules(docs, "Role", "meshward-policy") == {
         ("", "configmaps", verb, "") for verb in ("get", "create", "update", "delete")
@@ -637,8 +637,10 @@ CAN_I = [
     ("meshward-identity", ("list", "pods", "--all-namespaces"), False),
     ("meshward-identity", ("list", "configmaps", "-n", "meshward"), False),
     ("meshward-identity", ("create", "events", "-n", "meshward"), False),
-    ("meshward-policy", ("list", "configmaps", "--all-namespaces"), True),
-    ("meshward-policy", ("watch", "configmaps", "--all-namespaces"), True),
+    ("meshward-policy", ("list", "configmaps/meshward-policy", "--all-namespaces"), True),
+    ("meshward-policy", ("watch", "configmaps/meshward-policy", "--all-namespaces"), True),
+    ("meshward-policy", ("list", "configmaps", "--all-namespaces"), False),
+    ("meshward-policy", ("get", "configmaps/kube-root-ca.crt", "-n", "default"), False),
     ("meshward-policy", ("update", "configmaps", "-n", "meshward"), True),
     ("meshward-policy", ("update", "configmaps", "-n", "default"), False),
     ("meshward-policy", ("get", "secrets", "-n", "default"), False),

@@ -753,7 +753,7 @@ def test_policy_serve_refuses_to_start_without_configmap_rbac(
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("meshward: error: the policy server may not list or watch configmaps")
-    assert "verbs: [list, watch]" in last
+    assert "verbs: [list, watch], resourceNames: [meshward-policy]" in last
 
 
 # -- proxy reports (issue 6) -----------------------------------------------------------------

@@ -124,12 +124,14 @@ async def admin(
 @dataclasses.dataclass(frozen=True)
 class Access:
     """One permission a service needs: ``verb`` on ``resource`` of API ``group`` (core: "")
-    in ``namespace``, or cluster-wide when None."""
+    in ``namespace``, or cluster-wide when None; only on the object ``name``, when set (a list
+    or watch selecting ``metadata.name`` is authorized as a request for that name)."""
 
     group: str
     resource: str
     verb: str
     namespace: str | None = None
+    name: str | None = None
 
 
 async def missing_access(api: client.ApiClient, wanted: Sequence[Access]) -> list[Access]:
@@ -148,6 +150,7 @@ async def missing_access(api: client.ApiClient, wanted: Sequence[Access]) -> lis
                     resource=access.resource,
                     verb=access.verb,
                     namespace=access.namespace,
+                    name=access.name,
                 )
             )
         )

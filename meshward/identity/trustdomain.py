@@ -621,7 +621,12 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
             late = state.census.without_leaf_of(issued)
             if switched or late or fresh or rotated:
                 rotation = Phase.ISSUER_SWITCHED
-                since = now if switched else _since(previous, Phase.ISSUER_SWITCHED, now)
+                # Whole seconds, as the status keeps it: later rounds ask for the same time.
+                since = (
+                    now.replace(microsecond=0)
+                    if switched
+                    else _since(previous, Phase.ISSUER_SWITCHED, now)
+                )
                 renew_before = since + RENEW_REPEAT * ((now - since) // RENEW_REPEAT)
                 waiting = (
                     f"{_count(late)} to hold a leaf of the new issuer (asked to renew early, "

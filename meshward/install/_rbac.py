@@ -85,8 +85,8 @@ def policy() -> Grants:
                 ("configmaps",),
                 ("list", "watch"),
                 "follows the compiled policy (the meshward-policy ConfigMap) of every "
-                "namespace; it selects them by name, but its start-up access check asks for "
-                "the verbs themselves",
+                "namespace, selecting it by name (which RBAC authorizes as that name)",
+                names=(compiled.CONFIGMAP_NAME,),
             ),
         ),
         namespaced=(

@@ -34,6 +34,7 @@ from kubernetes_asyncio import client, config
 
 from meshward import errors, kube, proxyreports
 from meshward.identity import authority, pki, serving
+from meshward.policy import compiled
 from meshward.policyserver import configmaps, documents, metrics, publisher, reports
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
 
@@ -43,13 +44,14 @@ SERVICE = "meshward.policy.v1.Policy"
 NAMESPACE, SERVICE_ACCOUNT = "meshward", "meshward-policy"
 """Where the server runs, and as whom: its mesh identity name is its default server name."""
 RELOAD_INTERVAL = 1.0
-NEEDED = (
-    serving.Access(group="", resource="configmaps", verb="list"),
-    serving.Access(group="", resource="configmaps", verb="watch"),
+NEEDED = tuple(
+    serving.Access(group="", resource="configmaps", verb=verb, name=compiled.CONFIGMAP_NAME)
+    for verb in ("list", "watch")
 )
 RBAC_HINT = (
     "bind its ServiceAccount to a ClusterRole with the rule "
-    '{apiGroups: [""], resources: [configmaps], verbs: [list, watch]}'
+    '{apiGroups: [""], resources: [configmaps], verbs: [list, watch], '
+    f"resourceNames: [{compiled.CONFIGMAP_NAME}]}}"
 )
 REPORT_VERBS = ("get", "create", "update", "delete")
 """What publishing the proxies' reports needs on configmaps in the server's own namespace."""
