@@ -528,3 +528,77 @@ def test_a_next_anchor_without_its_key_is_refused_with_what_to_do() -> None:
     assert "holds no tls.key" in (plan.status.waiting_for or "")
     assert "delete secret cp/next-anchor" in (plan.status.waiting_for or "")
     assert (plan.issuer_secret, plan.anchor_secret, plan.bundle) == (None, None, None)
+
+
+def test_no_anchor_rotation_while_the_issuer_is_the_users() -> None:
+    anchor, anchor_key = pki.new_trust_anchor(TD, 300 * DAY, NOW)
+    issuer_cert, issuer_key = pki.new_issuer(anchor, anchor_key, TD, 300 * DAY, NOW)
+    s = spec(anchorLifetime="300d", anchorRotateBefore="100d", issuerSecretRef={"name": "mine"})
+    state = trustdomain.State(
+        anchor=material("secret cp/anchor", pki.to_pem(anchor), pki.key_to_pem(anchor_key)),
+        issuer=material("secret cp/issuer", pki.to_pem(issuer_cert), pki.key_to_pem(issuer_key)),
+        user_issuer=material("secret cp/mine", pki.to_pem(issuer_cert), pki.key_to_pem(issuer_key)),
+    )
+    plan = trustdomain.plan(s, state, NOW + 250 * DAY)
+    assert plan.next_anchor_secret is None and plan.issuer_secret is None
+    status, reason, message = conditions(plan)["AnchorExpiring"]
+    assert (status, reason) == ("True", "CanNotRotate")
+    assert "the issuer is yours (issuerSecretRef" in message
+
+
+def test_a_rotation_that_stalls_warns_before_the_anchor_expires() -> None:
+    s = spec(
+        anchorLifetime="300d",
+        anchorRotateBefore="100d",
+        issuerLifetime="300d",
+        issuerRotateBefore="10d",
+    )
+    cluster = Cluster(s)
+    held = trustdomain.Census(silent=("shop/stuck-0",))
+    cluster.round(NOW + 201 * DAY, held)
+    early = cluster.round(NOW + 230 * DAY, held)
+    assert early.status.phase == trustdomain.Phase.ANCHOR_ADDED and not early.warnings
+    late = cluster.round(NOW + 251 * DAY, held)  # past half of the 100-day window
+    assert late.status.phase == trustdomain.Phase.ANCHOR_ADDED
+    status, reason, message = conditions(late)["AnchorExpiring"]
+    assert (status, reason) == ("True", "RotationStalled")
+    assert "shop/stuck-0" in message and [w.reason for w in late.warnings] == ["AnchorExpiring"]
+
+
+def test_the_renewal_request_is_repeated_a_bounded_number_of_times() -> None:
+    cluster = Cluster(spec())
+    cluster.round(NOW + DAY, request="r")
+    t3 = NOW + DAY + datetime.timedelta(minutes=1)
+    cluster.round(t3, proxies(cluster.bundle_fingerprint(), None, "a/b"))
+    old_leaf = proxies(cluster.bundle_fingerprint(), "sha256:" + "0" * 64, "a/b")
+    hours_later = cluster.round(t3 + datetime.timedelta(hours=5), old_leaf)
+    assert hours_later.status.phase == trustdomain.Phase.ISSUER_SWITCHED
+    last = t3 + trustdomain.RENEW_REPEAT * trustdomain.RENEW_REPEATS
+    assert hours_later.renew_leaves_before == last
+
+
+def test_a_refused_round_keeps_the_request_it_acted_on() -> None:
+    cluster = Cluster(spec())
+    cluster.round(NOW + DAY, request="r1")
+    assert cluster.next is not None
+    cluster.next = material(cluster.next.where, b"not a certificate", cluster.next.key)
+    refused = cluster.round(NOW + DAY + datetime.timedelta(seconds=1), request="r1")
+    assert refused.status.phase == trustdomain.Phase.INVALID
+    assert refused.status.rotation_request == "r1", "a fixed setup must not rotate again"
+
+
+def test_a_next_anchor_that_signs_the_issuer_is_never_to_be_deleted() -> None:
+    cluster = Cluster(spec())
+    cluster.round(NOW + DAY, request="r")
+    cluster.round(
+        NOW + DAY + datetime.timedelta(minutes=1),
+        proxies(cluster.bundle_fingerprint(), None, "a/b"),
+    )
+    assert cluster.status is not None and cluster.status.phase == trustdomain.Phase.ISSUER_SWITCHED
+    assert cluster.next is not None
+    cluster.next = material(cluster.next.where, cluster.next.cert, None)
+    plan = cluster.round(NOW + DAY + datetime.timedelta(minutes=2))
+    assert plan.status.phase == trustdomain.Phase.INVALID
+    waiting = plan.status.waiting_for or ""
+    assert "restore secret cp/next-anchor as it was" in waiting and "do not delete it" in waiting
+    assert (plan.issuer_secret, plan.anchor_secret, plan.bundle) == (None, None, None)

@@ -18,7 +18,14 @@ from kubernetes import client
 
 from meshward.identity import commands, pki, trustdomain
 from tests import kubetest
-from tests.test_identity_service import IdentityService, make_csr, name, swap, token_for
+from tests.test_identity_service import (
+    IdentityService,
+    make_csr,
+    meshward,
+    name,
+    swap,
+    token_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -110,6 +117,7 @@ def _clear(core: client.CoreV1Api, custom: client.CustomObjectsApi, root: str) -
     for delete, what in (
         (core.delete_namespaced_secret, commands.ISSUER_SECRET),
         (core.delete_namespaced_secret, commands.ANCHOR_SECRET),
+        (core.delete_namespaced_secret, trustdomain.NEXT_ANCHOR_SECRET),
         (core.delete_namespaced_config_map, commands.TRUST_ROOTS),
     ):
         try:
@@ -410,3 +418,35 @@ def test_operator_restart_does_not_recreate_material(
         )
     finally:
         core.delete_namespace(late)
+
+
+def test_identity_rotate_follows_the_phases_to_a_new_anchor(
+    operator: kubetest.Operator,
+    kubectl: kubetest.Kubectl,
+    core: client.CoreV1Api,
+    custom: client.CustomObjectsApi,
+    kubeconfig: pathlib.Path,
+    td: str,
+) -> None:
+    """With no proxy to wait for, the phases run through on their own; the command follows them
+    and names the anchor it ended with."""
+    root = operator.root_namespace
+    kubectl.apply(manifest(td))
+    wait_status(custom, td, phase("Ready"), "Ready", operator)
+    old_anchor = pki.load_certificates(secret(core, root, commands.ANCHOR_SECRET)[0])[0]
+    env = {"KUBECONFIG": str(kubeconfig)}
+    proc = meshward("identity", "rotate", "--name", td, "--wait", "--timeout", "50s", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + operator.log_tail()
+    (new_anchor,) = pki.load_certificates(secret(core, root, commands.ANCHOR_SECRET)[0])
+    assert new_anchor != old_anchor
+    assert f"anchor rotation complete: anchor {new_anchor.serial_number:x}" in proc.stdout
+    assert "AnchorAdded" in proc.stdout or "IssuerSwitched" in proc.stdout, proc.stdout
+    assert pki.load_certificates(bundle(core, root)) == [new_anchor], "the old anchor is gone"
+    issuer_pem, issuer_key, _ = secret(core, root, commands.ISSUER_SECRET)
+    pki.Issuer.from_pem(issuer_pem, issuer_key).check([new_anchor])
+    with pytest.raises(client.exceptions.ApiException) as gone:
+        core.read_namespaced_secret(trustdomain.NEXT_ANCHOR_SECRET, root)
+    assert gone.value.status == 404
+    status = get(custom, td)["status"]
+    annotation = get(custom, td)["metadata"]["annotations"][trustdomain.ROTATE_ANNOTATION]
+    assert status["rotationRequest"] == annotation and "nextAnchor" not in status

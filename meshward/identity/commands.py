@@ -441,6 +441,7 @@ def _rotate(args: argparse.Namespace) -> int:
             )
         name = item["metadata"]["name"]
         status = item.get("status") or {}
+        before = (status.get("anchor") or {}).get("serial")
         if status.get("phase") in {p.value for p in trustdomain.ROTATING}:
             print(f"trustdomain {name}: an anchor rotation is under way ({status['phase']})")
             request = status.get("rotationRequest")
@@ -463,13 +464,22 @@ def _rotate(args: argparse.Namespace) -> int:
         if line != shown:
             print(line)
             shown = line
-        done = (
-            status.get("phase") == trustdomain.Phase.READY.value
-            and status.get("rotationRequest") == request
+        handled = status.get("rotationRequest") == request
+        can_not = [
+            c.get("message", "")
+            for c in status.get("conditions") or ()
+            if c.get("type") == "AnchorExpiring" and c.get("reason") == "CanNotRotate"
+        ]
+        if handled and can_not and not status.get("nextAnchor"):
+            raise errors.ConfigError(f"the anchor was not rotated: {can_not[0]}")
+        serial = (status.get("anchor") or {}).get("serial")
+        if (
+            handled
+            and status.get("phase") == trustdomain.Phase.READY.value
             and not status.get("nextAnchor")
-        )
-        if done:
-            print(f"anchor rotation complete: anchor {status['anchor']['serial']}")
+            and serial != before
+        ):
+            print(f"anchor rotation complete: anchor {serial} (was {before})")
             return 0
         if status.get("phase") == trustdomain.Phase.INVALID.value:
             return 1

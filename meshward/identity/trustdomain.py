@@ -141,6 +141,10 @@ NEXT_ANCHOR_SECRET = "meshward-identity-next-anchor"
 RENEW_REPEAT = datetime.timedelta(minutes=2)
 """While proxies still hold leaves of the old issuer, the early-renewal request is renewed this
 often: a proxy that renewed before the identity service loaded the new issuer asks again."""
+RENEW_REPEATS = 10
+"""At most this many repeats (20 minutes): every proxy renews at each, so a proxy that can not
+renew at all must not keep the whole mesh renewing; it renews on its own schedule, and the
+rotation waits for it (the status names it)."""
 
 
 class CertificateStatus(resources._Model):
@@ -418,7 +422,10 @@ def plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
     try:
         return _plan(spec, state, now)
     except _Refused as r:
-        return Plan(None, None, None, refused(r.phase, r.reason, r.message))
+        status = refused(r.phase, r.reason, r.message)
+        if state.previous is not None:  # a request already acted on stays acted on
+            status = status.model_copy(update={"rotation_request": state.previous.rotation_request})
+        return Plan(None, None, None, status)
 
 
 def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
@@ -480,7 +487,7 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
                 "whose key it holds"
             )
         else:
-            candidate = _next_anchor(state.next_anchor, now)
+            candidate = _next_anchor(state.next_anchor, state.issuer, now)
             if candidate.certificate == current_anchor:
                 delete_next = True  # promoted last round; only the clean-up was left
             else:
@@ -627,7 +634,8 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
                     if switched
                     else _since(previous, Phase.ISSUER_SWITCHED, now)
                 )
-                renew_before = since + RENEW_REPEAT * ((now - since) // RENEW_REPEAT)
+                repeats = min((now - since) // RENEW_REPEAT, RENEW_REPEATS)
+                renew_before = since + RENEW_REPEAT * repeats
                 waiting = (
                     f"{_count(late)} to hold a leaf of the new issuer (asked to renew early, "
                     f"last at {_when(renew_before)}): {_names(late)}"
@@ -645,7 +653,12 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
                 )
                 current_anchor, bundle_certs, next_cert = nxt.certificate, [nxt.certificate], None
                 anchor_due = current_anchor.not_valid_after_utc - spec.rotate_before("anchor")
-    elif (requested or now >= anchor_due) and not anchors.user and anchors.signer is not None:
+    elif (
+        (requested or now >= anchor_due)
+        and not anchors.user
+        and anchors.signer is not None
+        and spec.issuer_secret_ref is None
+    ):
         cert, key = pki.new_trust_anchor(td, spec.lifetime("anchor"), now)
         next_write = SecretWrite(cert=pki.to_pem(cert), key=pki.key_to_pem(key))
         next_cert = cert
@@ -660,7 +673,17 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
     if requested:
         handled = state.rotate_request
 
-    if rotation is not None:
+    stalled_from = current_anchor.not_valid_after_utc - spec.rotate_before("anchor") / 2
+    if rotation is not None and now >= stalled_from:
+        message = (
+            f"trust anchor {_name(current_anchor)} expires "
+            f"{_when(current_anchor.not_valid_after_utc)} and its rotation has not finished "
+            f"(phase {rotation.value}, waiting for {waiting}): make those proxies report or "
+            "renew (their logs say why not), or delete their pods"
+        )
+        warnings.append(ExpiryWarning("AnchorExpiring", message))
+        anchor_expiring = _condition("AnchorExpiring", True, "RotationStalled", message)
+    elif rotation is not None:
         anchor_expiring = _condition(
             "AnchorExpiring",
             False,
@@ -669,12 +692,18 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
             f"expires {_when(current_anchor.not_valid_after_utc)}",
         )
     elif now >= anchor_due or (requested and rotation is None):
-        whose = (
-            f"it is yours ({anchors.source}): put a new anchor there beside the current one, "
-            "move the issuer to it, then drop the old one"
-            if anchors.user
-            else f"the anchor's key is not held ({anchors.source} has no tls.key)"
-        )
+        if anchors.user:
+            whose = (
+                f"it is yours ({anchors.source}): put a new anchor there beside the current one, "
+                "move the issuer to it, then drop the old one"
+            )
+        elif spec.issuer_secret_ref is not None:
+            whose = (
+                f"the issuer is yours (issuerSecretRef {_ref(spec.issuer_secret_ref)}): the "
+                "new anchor could not sign it; issue a new anchor and issuer in your PKI"
+            )
+        else:
+            whose = f"the anchor's key is not held ({anchors.source} has no tls.key)"
         message = (
             f"trust anchor {_name(current_anchor)} expires "
             f"{_when(current_anchor.not_valid_after_utc)} and the operator can not rotate it: "
@@ -738,24 +767,58 @@ def _plan(spec: TrustDomainSpec, state: State, now: datetime.datetime) -> Plan:
     )
 
 
-def _next_anchor(material: Material, now: datetime.datetime) -> pki.Issuer:
-    """The anchor being rotated in, with its key; a Secret that can not serve is refused."""
+def _next_anchor(material: Material, issuer: Material | None, now: datetime.datetime) -> pki.Issuer:
+    """The anchor being rotated in, with its key; a Secret that can not serve is refused,
+    saying what to do: start again, unless the issuer is already signed by it, since every
+    leaf is then signed under it and dropping it from the bundle would break them all."""
+    advice = f"delete {material.where} to start the anchor rotation again"
+    if issuer is not None and issuer.cert and material.cert and _issued(material.cert, issuer.cert):
+        advice = (
+            f"restore {material.where} as it was (certificate and key): the issuer is already "
+            "signed by it, so every proxy's leaf is too; do not delete it"
+        )
     try:
         found = _anchors(material, False, now)
     except _Refused as r:
-        raise _Refused(
-            Phase.INVALID,
-            "InvalidNextAnchor",
-            f"{r.message}; delete {material.where} to start the anchor rotation again",
-        ) from None
+        raise _Refused(Phase.INVALID, "InvalidNextAnchor", f"{r.message}; {advice}") from None
     if found.signer is None:
         raise _Refused(
             Phase.INVALID,
             "InvalidNextAnchor",
-            f"{material.where} holds no tls.key: the new anchor can not sign the issuer; "
-            f"delete {material.where} to start the anchor rotation again",
+            f"{material.where} holds no tls.key: the new anchor can not sign the issuer; {advice}",
         )
     return found.signer
+
+
+def _issued(anchor_pem: bytes, issuer_pem: bytes) -> bool:
+    """Whether the first certificate of ``anchor_pem`` issued the first of ``issuer_pem`` (by
+    name and key identifier: enough to tell which anchor it hangs under, not a verification)."""
+    try:
+        anchor = pki.load_certificates(anchor_pem)[0]
+        issuer = pki.load_certificates(issuer_pem)[0]
+    except errors.UntrustedChain:
+        return False
+    key_id = _key_id(anchor)
+    return (
+        anchor.subject == issuer.issuer
+        and key_id is not None
+        and (key_id == _authority_key_id(issuer))
+    )
+
+
+def _key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _authority_key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return ext.key_identifier
 
 
 def _signed_by(issuer: pki.Issuer, anchor: x509.Certificate, now: datetime.datetime) -> bool:
@@ -769,13 +832,15 @@ def _signed_by(issuer: pki.Issuer, anchor: x509.Certificate, now: datetime.datet
 def _since(
     previous: TrustDomainStatus | None, phase: Phase, now: datetime.datetime
 ) -> datetime.datetime:
-    """When ``phase`` began: as stored, if the stored status is in it, else ``now``."""
+    """When ``phase`` began: as stored, if the stored status is in it, else ``now`` (in whole
+    seconds, as the status keeps it, so that later rounds derive the same times)."""
+    fresh = now.replace(microsecond=0)
     if previous is None or previous.phase != phase or previous.phase_since is None:
-        return now
+        return fresh
     try:
         began = datetime.datetime.fromisoformat(previous.phase_since.replace("Z", "+00:00"))
     except ValueError:
-        return now
+        return fresh
     return min(began if began.tzinfo else began.replace(tzinfo=datetime.UTC), now)
 
 

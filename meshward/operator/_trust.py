@@ -58,6 +58,7 @@ class TrustKeeper:
         self._failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._with_injected_pods: set[str] = set()
+        self._seeded = False
         """Namespaces where a pod asked for the proxy itself: its container reads the bundle
         from its own namespace, annotated for injection or not."""
 
@@ -129,6 +130,12 @@ class TrustKeeper:
 
     async def round(self) -> None:
         """Read, plan and write once."""
+        if not self._seeded:
+            # After a restart: namespaces where injected pods already run need the bundle too.
+            for pod in (await self._core.list_pod_for_all_namespaces()).items:
+                if _has_proxy(pod):
+                    self._with_injected_pods.add(pod.metadata.namespace)
+            self._seeded = True
         listing = await self._custom.list_cluster_custom_object(
             trustdomain.GROUP, trustdomain.VERSION, trustdomain.PLURAL
         )
@@ -194,8 +201,19 @@ class TrustKeeper:
 
     async def _census(self) -> trustdomain.Census:
         """What the proxies report (:mod:`meshward.proxyreports`), and the injected pods that
-        run without a live report: an anchor rotation waits for both."""
+        run without a live report: an anchor rotation waits for both.
+
+        A report counts only for a pod that exists, is not being deleted, and runs as the
+        ServiceAccount of the certificate the report came with: any proxy of a namespace may
+        report, so one must not speak for its neighbours, nor hold the rotation with pods that
+        do not exist.
+        """
         now = datetime.datetime.now(datetime.UTC)
+        pods = {
+            f"{pod.metadata.namespace}/{pod.metadata.name}": pod
+            for pod in (await self._core.list_pod_for_all_namespaces()).items
+            if not pod.metadata.deletion_timestamp
+        }
         listing = await self._core.list_namespaced_config_map(
             self._namespace, label_selector=f"{proxyreports.LABEL}=true"
         )
@@ -209,18 +227,24 @@ class TrustKeeper:
             collected = proxyreports.collect(configmap.data)
             for problem in collected.unreadable:
                 logger.warning("trust domain: configmap %s: %s", configmap.metadata.name, problem)
-            for pod, proxy in collected.live(now).items():
-                name = f"{namespace}/{pod}"
+            for name_in_ns, proxy in collected.live(now).items():
+                name = f"{namespace}/{name_in_ns}"
+                pod = pods.get(name)
+                account = proxy.identity.rpartition("/sa/")[2]
+                if pod is None or (pod.spec.service_account_name or "default") != account:
+                    logger.info(
+                        "trust domain: report for %s ignored: no such pod runs as %s",
+                        name,
+                        proxy.identity,
+                    )
+                    continue
                 reported[name] = trustdomain.ProxyState(name, proxy.trust_bundle, proxy.leaf_issuer)
-        running = await self._core.list_pod_for_all_namespaces(
-            field_selector="status.phase=Running"
-        )
         silent = sorted(
-            f"{pod.metadata.namespace}/{pod.metadata.name}"
-            for pod in running.items
-            if not pod.metadata.deletion_timestamp
-            and any(c.name == inject.PROXY_CONTAINER for c in pod.spec.containers or ())
-            and f"{pod.metadata.namespace}/{pod.metadata.name}" not in reported
+            name
+            for name, pod in pods.items()
+            if (pod.status and pod.status.phase == "Running")
+            and _has_proxy(pod)
+            and name not in reported
         )
         return trustdomain.Census(proxies=tuple(reported.values()), silent=tuple(silent))
 
@@ -404,6 +428,10 @@ _STATUS_KEYS = tuple(
 
 def _comparable(stored: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stored.items() if k in _STATUS_KEYS and v is not None}
+
+
+def _has_proxy(pod: Any) -> bool:
+    return any(c.name == inject.PROXY_CONTAINER for c in (pod.spec.containers or ()))
 
 
 def _b64encode(data: bytes) -> str:
