@@ -18,6 +18,9 @@ def run(args: argparse.Namespace) -> int:
 
     kopf.configure(verbose=bool(args.verbose), log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("meshward").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # kopf's verbose mode turns on every logger; the API client's debug log prints whole
+    # responses, Secrets (the anchor's and issuer's keys) included.
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
     namespaces = list(args.namespace)
     asyncio.run(
         kopf.operator(
