@@ -329,8 +329,7 @@ class _Checker:
                 e,
                 where,
                 "the operator writes it for the TrustDomain (kubectl get trustdomain shows "
-                "why not); install with meshward install --crds | kubectl apply -f -, then "
-                "meshward install | kubectl apply -f -",
+                "why not); install with meshward install | kubectl apply -f -",
             )
             return Result(name, Outcome.FAIL, detail, hint)
         pem = str((cm.data or {}).get(authority.ANCHORS, "")).encode()

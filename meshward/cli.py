@@ -261,15 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="render the control plane's manifests (pipe to kubectl apply -f -)",
             description="Render CRDs, namespace, ServiceAccounts, least-privilege RBAC, the "
             "operator, identity service and policy server, their Services, the webhook "
-            "configurations and the trust material, in apply order. On a new cluster apply "
-            "'meshward install --crds' first: kubectl can not create the TrustDomain in the "
-            "same run as its CRD.",
+            "configurations and the trust material, in apply order, for one kubectl apply "
+            "(the operator then creates the TrustDomain).",
         )
     )
     install.add_uninstall_arguments(
         sub.add_parser(
             "uninstall",
-            help="render what removes the control plane (pipe to kubectl delete -f -)",
+            help="render what removes the control plane "
+            "(pipe to kubectl delete --ignore-not-found -f -)",
             description="Render the control plane's objects for kubectl delete; standard error "
             "says what is kept (the CRDs unless --crds, ConfigMaps in your namespaces).",
         )

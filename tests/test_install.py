@@ -123,7 +123,7 @@ OPERATOR_CLUSTER_RULES = (
     | {("", "events", "create", "")}
     | {("policy.meshward.io", kind, v, "") for kind in POLICY_KINDS for v in ("list", "watch")}
     | {("policy.meshward.io", f"{kind}/status", "patch", "") for kind in POLICY_KINDS}
-    | {("identity.meshward.io", "trustdomains", v, "") for v in ("list", "watch")}
+    | {("identity.meshward.io", "trustdomains", v, "") for v in ("list", "watch", "create")}
     | {("identity.meshward.io", "trustdomains/status", "patch", "")}
     | {
         ("admissionregistration.k8s.io", kind, "create", "")
@@ -213,7 +213,7 @@ def test_order_applies_on_an_empty_cluster_and_crds_are_the_packaged_files(
     assert kinds[: len(CRD_FILES)] == ["CustomResourceDefinition"] * len(CRD_FILES)
     assert docs[: len(CRD_FILES)] == [yaml.safe_load(f.read_text()) for f in CRD_FILES]
     assert kinds[len(CRD_FILES)] == "Namespace"
-    assert kinds[-1] == "TrustDomain"
+    assert "TrustDomain" not in kinds, "no custom resource: one apply creates everything"
     first = {kind: kinds.index(kind) for kind in reversed(kinds)}
     assert first["ServiceAccount"] < first["ClusterRoleBinding"] < first["Deployment"]
     assert first["Service"] < first["Deployment"]
@@ -286,8 +286,9 @@ def test_components_agree_on_addresses_names_and_image() -> None:
         "patch",
         "hooks.example.org",
     ) in patch
-    td = find(docs, "TrustDomain", "mesh-system")
-    assert td["spec"] == {"trustDomain": "example.org"}
+    env = {e["name"]: e.get("value") for e in container(docs, "meshward-operator")["env"]}
+    assert env["MESHWARD_TRUST_DOMAIN_RESOURCE"] == "mesh-system"  # the TrustDomain it creates
+    assert env["MESHWARD_TRUST_DOMAIN"] == "example.org"
     cluster_scoped = [
         d["metadata"]["name"] for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
     ]
@@ -349,10 +350,10 @@ def test_user_trust_material_is_rendered_as_identity_init_writes_it(
     anchor = find(docs, "Secret", commands.ANCHOR_SECRET)
     assert anchor["stringData"] == {"tls.crt": (trust / "ca-bundle.crt").read_text()}
     assert "anchor.key" not in proc.stdout and (trust / "anchor.key").read_text() not in proc.stdout
-    assert docs[-1]["kind"] == "TrustDomain"
-    # The operator, given exactly these Secrets, serves them and writes nothing.
+    # The operator, given exactly these Secrets, serves them and writes nothing (for the
+    # TrustDomain it creates: the trust domain, default lifetimes).
     plan = trustdomain.plan(
-        trustdomain.TrustDomainSpec.model_validate(docs[-1]["spec"]),
+        trustdomain.TrustDomainSpec.model_validate({"trustDomain": "cluster.local"}),
         trustdomain.State(
             anchor=trustdomain.Material("anchor", anchor["stringData"]["tls.crt"].encode(), None),
             issuer=trustdomain.Material(
@@ -504,13 +505,12 @@ def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
 
 
 def start_plane(kubeconfig: pathlib.Path) -> Plane:
-    """Install with the documented two commands; keep what kubectl said."""
+    """Install with the documented command, on a control plane that has never seen meshward;
+    keep what kubectl said."""
     kubectl = kubetest.Kubectl(kubeconfig)
-    applied = []
-    for args in (("--crds",), ()):
-        rendered = meshward("install", *args)
-        assert rendered.returncode == 0, rendered.stderr
-        applied.append(kubectl.apply(rendered.stdout, check=False))
+    rendered = meshward("install")
+    assert rendered.returncode == 0, rendered.stderr
+    applied = [kubectl.apply(rendered.stdout, check=False)]
     docs = render("install")
     api = config.new_client_from_config(config_file=str(kubeconfig))
     return Plane(kubeconfig, kubectl, api, applied, docs)
@@ -602,12 +602,11 @@ def no_forbidden(log: str) -> None:
 
 
 @pytest.mark.cluster
-def test_two_commands_install_cleanly_and_again_changes_nothing(plane: Plane) -> None:
-    crds, rest = plane.first_apply
-    assert crds.returncode == 0, crds.stderr
-    assert rest.returncode == 0, rest.stderr
-    created = [line for line in rest.stdout.splitlines() if line.endswith(" created")]
-    assert len(created) == len(plane.docs) - len(CRD_FILES)
+def test_one_command_installs_cleanly_and_again_changes_nothing(plane: Plane) -> None:
+    (first,) = plane.first_apply
+    assert first.returncode == 0, first.stderr
+    created = [line for line in first.stdout.splitlines() if line.endswith(" created")]
+    assert len(created) == len(plane.docs)
     again = plane.install()
     lines = again.stdout.strip().splitlines()
     assert len(lines) == len(plane.docs)
@@ -625,9 +624,6 @@ def test_two_commands_install_cleanly_and_again_changes_nothing(plane: Plane) ->
     admission = client.AdmissionregistrationV1Api(plane.api)
     admission.read_validating_webhook_configuration(WEBHOOK_NAME)
     admission.read_mutating_webhook_configuration(WEBHOOK_NAME)
-    plane.custom.get_cluster_custom_object(
-        trustdomain.GROUP, trustdomain.VERSION, trustdomain.PLURAL, "meshward"
-    )
 
 
 CAN_I = [
@@ -674,7 +670,8 @@ CAN_I = [
     ("meshward-operator", ("delete", "namespaces"), False),
     ("meshward-operator", ("patch", "servers.policy.meshward.io/x", "-n", "default"), False),
     ("meshward-operator", ("patch", "servers.policy.meshward.io", "--subresource=status"), True),
-    ("meshward-operator", ("create", "trustdomains.identity.meshward.io"), False),
+    ("meshward-operator", ("create", "trustdomains.identity.meshward.io"), True),
+    ("meshward-operator", ("delete", "trustdomains.identity.meshward.io"), False),
     (
         "meshward-operator",
         ("patch", f"validatingwebhookconfigurations.admissionregistration.k8s.io/{WEBHOOK_NAME}"),
@@ -852,8 +849,12 @@ def test_uninstall_removes_its_install_and_keeps_the_crds_and_another(plane: Pla
     plane.install("--namespace", ns, "--webhook-name", hooks)
     rendered = meshward("uninstall", "--namespace", ns, "--webhook-name", hooks)
     assert rendered.returncode == 0, rendered.stderr
-    removed = plane.kubectl.run("delete", "-f", "-", "--timeout=60s", input=rendered.stdout)
-    assert len(removed.stdout.strip().splitlines()) == 10, removed.stdout
+    # No operator ran for this install, so it has no TrustDomain: --ignore-not-found, as the
+    # README says.
+    removed = plane.kubectl.run(
+        "delete", "--ignore-not-found", "-f", "-", "--timeout=60s", input=rendered.stdout
+    )
+    assert len(removed.stdout.strip().splitlines()) == 9, removed.stdout
     rbac = client.RbacAuthorizationV1Api(plane.api)
     admission = client.AdmissionregistrationV1Api(plane.api)
     gone = [
@@ -883,7 +884,7 @@ def test_uninstall_with_crds_leaves_no_meshward_object(tmp_path: pathlib.Path) -
     cluster = devcluster.up(tmp_path / "cp", controller_manager=True)
     try:
         plane = start_plane(cluster.kubeconfig)
-        assert [p.returncode for p in plane.first_apply] == [0, 0]
+        assert [p.returncode for p in plane.first_apply] == [0]
         rendered = meshward("uninstall", "--crds")
         plane.kubectl.run("delete", "-f", "-", "--timeout=60s", input=rendered.stdout)
         left = plane.kubectl.run(

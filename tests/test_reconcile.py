@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import kubernetes_asyncio.client
+import pytest
 
+from meshward import errors
 from meshward.operator import _reconcile, _settings
 from meshward.policy import compiled, decision
 
@@ -97,3 +99,12 @@ def test_excluded_namespaces_by_name_or_pattern() -> None:
     assert not settings.excludes("kube-public") and not settings.excludes("my-team-a")
     default = _settings.from_env({})
     assert default.excludes("kube-node-lease") and not default.excludes("default")
+
+
+def test_the_trust_domain_to_create_is_named_or_none() -> None:
+    assert _settings.from_env({}).trust_domain_resource is None
+    named = _settings.from_env({"MESHWARD_TRUST_DOMAIN_RESOURCE": "meshward"})
+    assert named.trust_domain_resource == "meshward"
+    with pytest.raises(errors.ConfigError) as bad:
+        _settings.from_env({"MESHWARD_TRUST_DOMAIN_RESOURCE": "Mesh_Ward"})
+    assert "MESHWARD_TRUST_DOMAIN_RESOURCE" in str(bad.value)

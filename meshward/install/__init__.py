@@ -1,16 +1,16 @@
 """``meshward install`` and ``meshward uninstall``: the control plane as Kubernetes manifests.
 
 Rendering only: nothing here talks to a cluster, so the output can be reviewed, stored and
-applied by any tool. On a new cluster::
+applied by any tool, in one run, on a new cluster too::
 
-    meshward install --crds | kubectl apply -f -
     meshward install | kubectl apply -f -
 
-The first command is needed once (and again to upgrade the CRDs alone): kubectl resolves every
-document's kind before it applies any, so the TrustDomain in the second output can not be
-created in the same run as its CRD. The second output holds the CRDs too, so later runs keep
-them current. ``meshward uninstall | kubectl delete -f -`` removes the control plane and keeps
-the CRDs (and with them every policy resource) unless given ``--crds``.
+The output holds no custom resource (kubectl resolves every document's kind before it applies
+any, so a custom resource could not be created in the run that creates its CRD): the operator
+creates the TrustDomain itself when none exists (``MESHWARD_TRUST_DOMAIN_RESOURCE``, named
+after the control-plane namespace). ``--crds`` renders the CRDs alone, to upgrade them.
+``meshward uninstall | kubectl delete --ignore-not-found -f -`` removes the control plane and
+keeps the CRDs (and with them every policy resource) unless given ``--crds``.
 
     _manifests  the objects, in apply order
     _rbac       each ServiceAccount's rules and why it needs them
@@ -66,7 +66,7 @@ def add_install_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--crds",
         action="store_true",
-        help="render only the CustomResourceDefinitions (apply these first on a new cluster)",
+        help="render only the CustomResourceDefinitions (to upgrade them alone)",
     )
     _common(parser)
     parser.add_argument(

@@ -1,10 +1,9 @@
 """The objects of an install, as plain dicts in the order ``kubectl apply -f -`` takes them.
 
 Order: the CRDs, the control-plane namespace, ServiceAccounts, RBAC, trust material, Services,
-Deployments, the webhook configurations, and last the TrustDomain. kubectl maps every
-document's kind before it applies any, so the TrustDomain (a custom resource) can only be
-applied once its CRD exists: ``meshward install --crds`` renders the CRDs alone for that first
-step.
+Deployments and the webhook configurations. No custom resource: kubectl maps every document's
+kind before it applies any, so one could not be created in the run that creates its CRD. The
+operator creates the TrustDomain (named after the control-plane namespace) when none exists.
 
 The operator's admission webhooks are served by kopf, which writes a ``url`` client
 configuration (``https://<MESHWARD_WEBHOOK_HOST>:9443/...``) and its CA bundle into the two
@@ -396,6 +395,7 @@ def operator_env(s: Settings) -> list[dict[str, Any]]:
         {"name": _settings.ENV["webhook_port"], "value": str(WEBHOOK_PORT)},
         {"name": _settings.ENV["webhook_cert_dir"], "value": WEBHOOK_CERT_DIR},
         {"name": _settings.ENV["webhook_name"], "value": s.webhook_name},
+        {"name": _settings.ENV["trust_domain_resource"], "value": s.namespace},
         {"name": _settings.INJECT_ENV["proxy_image"], "value": s.image},
         {
             "name": _settings.INJECT_ENV["identity_svc_addr"],
@@ -516,22 +516,8 @@ def _webhook_configurations(s: Settings) -> list[Document]:
     ]
 
 
-def _trust_domain(s: Settings) -> Document:
-    return Document(
-        {
-            "apiVersion": trustdomain.API_VERSION,
-            "kind": trustdomain.KIND,
-            "metadata": _meta(s.namespace, component=_rbac.OPERATOR),
-            "spec": {"trustDomain": s.trust_domain},
-        },
-        "The mesh's trust domain: the operator keeps its anchor and issuer in namespace\n"
-        f"{s.namespace} (creating them unless given), rotates the issuer and publishes the\n"
-        "anchors to meshed namespaces. Needs the CRDs: apply 'meshward install --crds' first.",
-    )
-
-
 def install(s: Settings) -> list[Document]:
-    """Every object of an install, CRDs first, the TrustDomain last."""
+    """Every object of an install, CRDs first."""
     all_grants = (_rbac.operator(s.webhook_name), _rbac.identity(), _rbac.policy())
     docs = [*crds(), _namespace(s)]
     docs += [_service_account(s, g.service_account) for g in all_grants]
@@ -550,7 +536,6 @@ def install(s: Settings) -> list[Document]:
     ]
     docs += _deployments(s)
     docs += _webhook_configurations(s)
-    docs.append(_trust_domain(s))
     return docs
 
 

@@ -164,6 +164,13 @@ def operator(webhook_name: str) -> Grants:
             ),
             Rule(
                 trustdomain.GROUP,
+                (trustdomain.PLURAL,),
+                ("create",),
+                "creates the install's TrustDomain when none exists (an install can not apply "
+                "it in the run that creates its CRD)",
+            ),
+            Rule(
+                trustdomain.GROUP,
                 (f"{trustdomain.PLURAL}/status",),
                 ("patch",),
                 "reports the anchor's and issuer's expiry and rotation in the TrustDomain",

@@ -29,6 +29,7 @@ ENV = {
     "webhook_cert_dir": "MESHWARD_WEBHOOK_CERT_DIR",
     "webhook_name": "MESHWARD_WEBHOOK_NAME",
     "excluded_namespaces": "MESHWARD_EXCLUDED_NAMESPACES",
+    "trust_domain_resource": "MESHWARD_TRUST_DOMAIN_RESOURCE",
 }
 INJECT_ENV = {
     "proxy_image": "MESHWARD_INJECT_PROXY_IMAGE",
@@ -75,6 +76,11 @@ class OperatorSettings:
         {"kube-system", "kube-public", "kube-node-lease"}
     )
     """Names, or patterns with ``*`` (``team-*``), of namespaces the operator leaves alone."""
+    trust_domain_resource: str | None = None
+    """When set, the name of a TrustDomain the operator creates (for the mesh's trust domain,
+    with default lifetimes) while none exists: what ``meshward install`` asks for, so that one
+    ``kubectl apply`` suffices (kubectl can not create a custom resource in the run that creates
+    its CRD)."""
     injector: inject.Settings = dataclasses.field(
         default_factory=lambda: inject.Settings.defaults("cluster.local", inject.package_version())
     )
@@ -222,6 +228,9 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         excluded = frozenset(
             n.strip() for n in env[ENV["excluded_namespaces"]].split(",") if n.strip()
         )
+    resource = env.get(ENV["trust_domain_resource"], "").strip() or None
+    if resource is not None and not re.fullmatch(resources.DNS_SUBDOMAIN, resource):
+        raise _bad(ENV["trust_domain_resource"], resource, "a TrustDomain name (DNS subdomain)")
     return OperatorSettings(
         policy=policy_compile.Settings(
             trust_domain=trust_domain,
@@ -234,6 +243,7 @@ def from_env(env: dict[str, str] | None = None) -> OperatorSettings:
         webhook_cert_dir=env.get(ENV["webhook_cert_dir"]) or None,
         webhook_name=env.get(ENV["webhook_name"], OperatorSettings.webhook_name),
         excluded_namespaces=excluded,
+        trust_domain_resource=resource,
         injector=injector_from_env(env),
     )
 

@@ -145,6 +145,7 @@ class TrustKeeper:
         )
         items = [i for i in items if not i["metadata"].get("deletionTimestamp")]
         if not items:
+            await self._create_default()
             return
         served, others = items[0], items[1:]
         for other in others:
@@ -198,6 +199,28 @@ class TrustKeeper:
         await self._write_status(served, plan.status, plan.warnings)
         if plan.status.phase in trustdomain.ROTATING:
             self.poke(delay=ROTATION_POLL)
+
+    async def _create_default(self) -> None:
+        """Create the TrustDomain the settings name, if any (its creation brings a round)."""
+        name = self._settings.trust_domain_resource
+        if name is None:
+            return
+        body = {
+            "apiVersion": trustdomain.API_VERSION,
+            "kind": trustdomain.KIND,
+            "metadata": {"name": name, "labels": dict(MANAGED_BY)},
+            "spec": {"trustDomain": self._settings.policy.trust_domain},
+        }
+        try:
+            await self._custom.create_cluster_custom_object(
+                trustdomain.GROUP, trustdomain.VERSION, trustdomain.PLURAL, body
+            )
+        except client.exceptions.ApiException as exc:
+            if exc.status != 409:  # created meanwhile: fine
+                raise
+            return
+        logger.info("trust domain: created TrustDomain %s (none existed)", name)
+        self.poke()
 
     async def _census(self) -> trustdomain.Census:
         """What the proxies report (:mod:`meshward.proxyreports`), and the injected pods that
