@@ -283,7 +283,9 @@ class _Checker:
                     f"{len(names)} webhook(s) at {host}:{port}: {problem}",
                     f"the API server calls them there: {running}. A certificate that does not "
                     "verify means the configuration is stale: restart the operator and it "
-                    "writes a fresh one",
+                    "writes a fresh one. The address is the operator pod's IP: from outside "
+                    "the cluster network it can not answer, so run the check from inside "
+                    "(e.g. a pod with this image: meshward check)",
                 )
             served.append(f"{host}:{port}")
         return Result(

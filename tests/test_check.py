@@ -227,7 +227,7 @@ def test_a_webhook_whose_certificate_does_not_match_its_ca_bundle_fails(
     webhook = lines["webhook (validating)"]
     assert webhook.mark == "[FAIL]", proc.stdout
     assert "does not verify against the caBundle" in webhook.detail
-    assert "restart the operator" in webhook.hint
+    assert "restart the operator" in webhook.hint and "pod's IP" in webhook.hint
     assert lines["webhook (mutating)"].mark == "[ok]  "
 
 
