@@ -6,12 +6,13 @@ starting one (the CRDs are applied to it; the operator runs locally against it).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pathlib
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from kubernetes import client, config
@@ -120,3 +121,23 @@ def namespace(request: pytest.FixtureRequest, core: client.CoreV1Api) -> Iterato
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[int]:
+    """An application on loopback that echoes what it reads; yields its port."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()

@@ -15,7 +15,7 @@ import datetime
 import pathlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography import x509
@@ -124,25 +124,6 @@ async def present(port: int, ctx: ssl.SSLContext) -> bytes:
         return b""
     finally:
         writer.close()
-
-
-@pytest.fixture
-async def echo() -> AsyncIterator[int]:
-    """The application behind the server's proxy."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
 
 
 class Rotation:

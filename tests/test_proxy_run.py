@@ -305,10 +305,18 @@ class Workloads:
 
 
 class PolicyService:
-    """``meshward policy serve`` in its own process."""
+    """``meshward policy serve`` in its own process; with ``namespace``, it publishes the
+    proxies' reports there (as replica ``policy-0``)."""
 
-    def __init__(self, kubeconfig: pathlib.Path, trust: pathlib.Path, log: pathlib.Path) -> None:
+    def __init__(
+        self,
+        kubeconfig: pathlib.Path,
+        trust: pathlib.Path,
+        log: pathlib.Path,
+        namespace: str | None = None,
+    ) -> None:
         self.port, self.admin_port = kubetest.free_port(), kubetest.free_port()
+        reports = ("--namespace", namespace) if namespace else ()
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [
@@ -316,8 +324,9 @@ class PolicyService:
                     *("--issuer-dir", str(trust), "--trust-anchors", str(trust / "ca-bundle.crt")),
                     *("--addr", f"127.0.0.1:{self.port}"),
                     *("--admin-addr", f"127.0.0.1:{self.admin_port}"),
+                    *reports,
                 ],
-                env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+                env={**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "policy-0"},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -24,10 +24,8 @@ import inspect
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -46,7 +44,7 @@ from tests import kubetest
 from tests.test_bundle import ConfigMapVolume
 from tests.test_bundle_rotation import CA, present
 from tests.test_identity_service import IdentityService, name, token_for
-from tests.test_proxy_run import Proxy, server_and_authorization, until_placed
+from tests.test_proxy_run import PolicyService, Proxy, server_and_authorization, until_placed
 from tests.test_trustdomain import PREFIX, manifest
 
 pytestmark = pytest.mark.cluster
@@ -142,47 +140,6 @@ class Kubelet:
 # -- the processes and the traffic -------------------------------------------------------------
 
 
-class PolicyServer:
-    """``meshward policy serve`` in its own process, reading its kubelet-kept volume and
-    publishing the proxies' reports in ``namespace`` (the operator's)."""
-
-    def __init__(
-        self, kubeconfig: pathlib.Path, volume: pathlib.Path, namespace: str, log: pathlib.Path
-    ) -> None:
-        self.port, self.admin_port = kubetest.free_port(), kubetest.free_port()
-        self.log = log
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "meshward", "policy", "serve", "--verbose"),
-                    *("--issuer-dir", str(volume)),
-                    *("--trust-anchors", str(volume / "ca-bundle.crt")),
-                    *("--addr", f"127.0.0.1:{self.port}"),
-                    *("--admin-addr", f"127.0.0.1:{self.admin_port}"),
-                    *("--namespace", namespace),
-                ],
-                env={**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "policy-0"},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def ready(self) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.admin_port}/ready"
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                return bool(resp.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 class Traffic:
     """Requests through ``port`` (client's outbound) until stopped: a new connection each time,
     and one long-lived connection used all along. Every failure is recorded with its time."""
@@ -256,26 +213,6 @@ class Traffic:
                 await asyncio.sleep(0.1)
         finally:
             writer.close()
-
-
-@pytest.fixture
-async def echo() -> AsyncIterator[int]:
-    """The application behind web's proxy: echoes what it reads."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
 
 
 @pytest.fixture
@@ -564,12 +501,12 @@ async def test_an_anchor_and_an_issuer_rotation_fail_no_request(
     identity = IdentityService(
         kubeconfig, identity_volume, tmp_path / "identity.log", extra=("--lifetime", LEAF_LIFETIME)
     )
-    policy: PolicyServer | None = None
+    policy: PolicyService | None = None
     rotate: asyncio.subprocess.Process | None = None
     try:
         scene.kubelet = asyncio.get_running_loop().create_task(kubelet.run())
         identity.start(wait=False)
-        policy = PolicyServer(kubeconfig, policy_volume, root, tmp_path / "policy.log")
+        policy = PolicyService(kubeconfig, policy_volume, tmp_path / "policy.log", namespace=root)
         await scene.until("the identity service", identity.ready)
         await scene.until("the policy server", policy.ready)
         web = name("web", ns)
