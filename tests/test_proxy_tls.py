@@ -124,3 +124,29 @@ async def test_tls_1_2_is_refused(tmp_path: pathlib.Path) -> None:
     old.maximum_version = ssl.TLSVersion.TLSv1_2
     _, _, err = await handshake(tls.server_context(tmp_path / "api", api, mesh.anchors), old)
     assert err is not None
+
+
+async def test_the_server_issues_no_session_tickets(tmp_path: pathlib.Path) -> None:
+    """Nothing would resume them, and each costs the server a copy of the client's chain."""
+    mesh = Mesh()
+    server = mesh.workload(tmp_path / "server", "web")
+    client = mesh.workload(tmp_path / "client", "vote")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    server_ctx = tls.server_context(tmp_path / "server", server, mesh.anchors)
+    listener = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        client_ctx = tls.client_context(tmp_path / "client", client, mesh.anchors)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        assert await reader.read() == b"ok"
+        session = writer.get_extra_info("ssl_object").session
+        writer.close()
+        assert session is None or not session.has_ticket
+    finally:
+        listener.close()
+        await listener.wait_closed()

@@ -57,6 +57,10 @@ def server_context(
     # gRPC clients insist on negotiating h2. HTTP/1.1 comes first (the server's preference
     # wins): a client offering both then speaks HTTP/1.1, which every HTTP application takes.
     ctx.set_alpn_protocols(["http/1.1", "h2"])
+    # No TLS 1.3 session tickets: the proxies never resume (asyncio offers no client session
+    # reuse), and OpenSSL 3 builds each ticket by copying the session, client chain included,
+    # which cost more CPU than the rest of the handshake on the inbound side.
+    ctx.num_tickets = 0
     ctx.load_cert_chain(_write_chain(directory, certified), directory / identity.KEY_FILE)
     return ctx
 
