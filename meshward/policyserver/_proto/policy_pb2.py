@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)meshward/policyserver/_proto/policy.proto\x12\x12meshward.policy.v1\"!\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\".\n\x0cPolicyUpdate\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x0c\n\x04hash\x18\x02 \x01(\t\"\xa4\x01\n\x0bProxyReport\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12 \n\x18trust_bundle_fingerprint\x18\x03 \x01(\t\x12\x1f\n\x17leaf_issuer_fingerprint\x18\x04 \x01(\t\x12\x1b\n\x13leaf_not_after_unix\x18\x05 \x01(\x03\x12\x15\n\rproxy_version\x18\x06 \x01(\t\"\x0b\n\tReportAck2\xa1\x01\n\x06Policy\x12M\n\x05Watch\x12 .meshward.policy.v1.WatchRequest\x1a .meshward.policy.v1.PolicyUpdate0\x01\x12H\n\x06Report\x12\x1f.meshward.policy.v1.ProxyReport\x1a\x1d.meshward.policy.v1.ReportAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)meshward/policyserver/_proto/policy.proto\x12\x12meshward.policy.v1\"!\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\".\n\x0cPolicyUpdate\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x0c\n\x04hash\x18\x02 \x01(\t\"\xa4\x01\n\x0bProxyReport\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12 \n\x18trust_bundle_fingerprint\x18\x03 \x01(\t\x12\x1f\n\x17leaf_issuer_fingerprint\x18\x04 \x01(\t\x12\x1b\n\x13leaf_not_after_unix\x18\x05 \x01(\x03\x12\x15\n\rproxy_version\x18\x06 \x01(\t\"\x0b\n\tReportAck\".\n\rLookupRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"A\n\x0bLookupReply\x12\x0e\n\x06meshed\x18\x01 \x01(\x08\x12\x12\n\nidentities\x18\x02 \x03(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r2\xef\x01\n\x06Policy\x12M\n\x05Watch\x12 .meshward.policy.v1.WatchRequest\x1a .meshward.policy.v1.PolicyUpdate0\x01\x12H\n\x06Report\x12\x1f.meshward.policy.v1.ProxyReport\x1a\x1d.meshward.policy.v1.ReportAck\x12L\n\x06Lookup\x12!.meshward.policy.v1.LookupRequest\x1a\x1f.meshward.policy.v1.LookupReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROXYREPORT']._serialized_end=313
   _globals['_REPORTACK']._serialized_start=315
   _globals['_REPORTACK']._serialized_end=326
-  _globals['_POLICY']._serialized_start=329
-  _globals['_POLICY']._serialized_end=490
+  _globals['_LOOKUPREQUEST']._serialized_start=328
+  _globals['_LOOKUPREQUEST']._serialized_end=374
+  _globals['_LOOKUPREPLY']._serialized_start=376
+  _globals['_LOOKUPREPLY']._serialized_end=441
+  _globals['_POLICY']._serialized_start=444
+  _globals['_POLICY']._serialized_end=683
 # @@protoc_insertion_point(module_scope)

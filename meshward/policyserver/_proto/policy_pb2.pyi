@@ -1,5 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -37,3 +39,21 @@ class ProxyReport(_message.Message):
 class ReportAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("address", "port")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class LookupReply(_message.Message):
+    __slots__ = ("meshed", "identities", "ttl_ms")
+    MESHED_FIELD_NUMBER: _ClassVar[int]
+    IDENTITIES_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    meshed: bool
+    identities: _containers.RepeatedScalarFieldContainer[str]
+    ttl_ms: int
+    def __init__(self, meshed: _Optional[bool] = ..., identities: _Optional[_Iterable[str]] = ..., ttl_ms: _Optional[int] = ...) -> None: ...

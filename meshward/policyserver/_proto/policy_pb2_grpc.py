@@ -46,6 +46,11 @@ class PolicyStub:
                 request_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ProxyReport.SerializeToString,
                 response_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ReportAck.FromString,
                 _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/meshward.policy.v1.Policy/Lookup',
+                request_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.LookupRequest.SerializeToString,
+                response_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.LookupReply.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
@@ -76,6 +81,20 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lookup(self, request, context):
+        """Lookup says how an outbound connection to an address and port should go: over mesh TLS to
+        a proxy that must prove one of the returned identities, or in plaintext because nothing
+        meshed answers there. An address is meshed when it is the IP of a running pod whose proxy
+        takes that port (injected, not hostNetwork, the port not skipped by proxy-init), or the
+        cluster IP of a Service whose ready endpoints for that port are all such pods. Any mesh
+        workload may look up any address. Errors: INVALID_ARGUMENT for an address that is not an IP
+        literal or a port outside 1..65535, UNAUTHENTICATED as for Watch, UNAVAILABLE while the
+        server has not yet listed the cluster's pods and services (the caller must not guess).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -88,6 +107,11 @@ def add_PolicyServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ProxyReport.FromString,
                     response_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.ReportAck.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.LookupRequest.FromString,
+                    response_serializer=meshward_dot_policyserver_dot___proto_dot_policy__pb2.LookupReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -146,6 +170,33 @@ class Policy:
             '/meshward.policy.v1.Policy/Report',
             meshward_dot_policyserver_dot___proto_dot_policy__pb2.ProxyReport.SerializeToString,
             meshward_dot_policyserver_dot___proto_dot_policy__pb2.ReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshward.policy.v1.Policy/Lookup',
+            meshward_dot_policyserver_dot___proto_dot_policy__pb2.LookupRequest.SerializeToString,
+            meshward_dot_policyserver_dot___proto_dot_policy__pb2.LookupReply.FromString,
             options,
             channel_credentials,
             insecure,
