@@ -130,3 +130,55 @@ async def test_over_a_real_socket(tmp_path: pathlib.Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_shutdown_is_taken_from_loopback_only_and_by_post() -> None:
+    asked: list[bool] = []
+    answers = admin.Admin(
+        metrics=metrics.Metrics(), certified=lambda: None, shutdown=lambda: asked.append(True)
+    )
+    assert answers.respond("GET", "/shutdown", from_loopback=True).status == 405
+    refused = answers.respond("POST", "/shutdown", from_loopback=False)
+    assert refused.status == 403 and b"loopback" in refused.body
+    assert asked == []
+    assert answers.respond("POST", "/shutdown", from_loopback=True).status == 200
+    assert asked == [True]
+
+
+def _routable_address() -> str | None:
+    """An address of this host other than loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent for a UDP connect
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+async def test_shutdown_over_a_real_socket_from_loopback_and_from_another_address() -> None:
+    asked: list[bool] = []
+    served = admin.Admin(
+        metrics=metrics.Metrics(), certified=lambda: None, shutdown=lambda: asked.append(True)
+    )
+    server = await served.serve("0.0.0.0", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def post(host: str) -> int:
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            conn.request("POST", "/shutdown")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        other = _routable_address()
+        if other is not None:
+            assert await asyncio.to_thread(post, other) == 403
+            assert asked == []
+        assert await asyncio.to_thread(post, "127.0.0.1") == 200
+        assert asked == [True]
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -7,8 +7,14 @@
                     issuer, and the trust bundle in force; 503 without a certificate
     GET /identity?format=pem   the certificate chain the proxy presents, PEM (public material
                     only: the key never leaves key.p8)
+    POST /shutdown  stop the proxy as SIGTERM would (exit status 0); from loopback only
 
-Four read-only endpoints do not need a web framework: this is a small asyncio server that reads
+``/shutdown`` is for pods that finish, such as a Job's: a sidecar that never exits keeps the pod
+running after its application is done, so the application's last step is
+``curl -X POST http://localhost:4191/shutdown``. Only a caller in the pod itself may ask: the
+admin port is reachable from other pods (the kubelet probes it), and they get 403.
+
+Five small endpoints do not need a web framework: this is a small asyncio server that reads
 one request head (at most 8 KiB, within 5 s), answers it and closes the connection, which keeps
 the proxy's memory small and its surface obvious. Anything else gets 404, 405 or 400.
 
@@ -24,8 +30,10 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import ipaddress
 import json
 import logging
+import signal
 from collections.abc import Callable
 
 from meshward import trustbundle
@@ -39,6 +47,7 @@ READ_TIMEOUT = 5.0
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     503: "Service Unavailable",
@@ -71,15 +80,21 @@ class Admin:
         certified: Callable[[], identity.Certified | None],
         trust: Callable[[], trustbundle.Bundle] | None = None,
         now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+        shutdown: Callable[[], None] = lambda: signal.raise_signal(signal.SIGTERM),
     ) -> None:
-        """``trust`` gives the trust bundle in force (None: not reported)."""
+        """``trust`` gives the trust bundle in force (None: not reported); ``shutdown`` stops the
+        proxy (by default the process signals itself, taking the path a kubelet's stop takes)."""
         self._metrics = metrics
         self._certified = certified
         self._trust = trust
         self._now = now
+        self._shutdown = shutdown
 
-    def respond(self, method: str, target: str) -> Response:
+    def respond(self, method: str, target: str, *, from_loopback: bool = False) -> Response:
+        """The answer to one request; ``from_loopback`` says the caller is in the pod itself."""
         path, _, query = target.partition("?")
+        if path == "/shutdown":
+            return self._shutdown_requested(method, from_loopback)
         routes: dict[str, Callable[[str], Response]] = {
             "/live": lambda _: Response(200, b"live\n"),
             "/ready": self._ready,
@@ -90,13 +105,24 @@ class Admin:
         }
         route = routes.get(path)
         if route is None:
-            return Response(404, f"no such endpoint {path!r}: try {', '.join(routes)}\n".encode())
+            known = ", ".join((*routes, "/shutdown"))
+            return Response(404, f"no such endpoint {path!r}: try {known}\n".encode())
         if method not in ("GET", "HEAD"):
             return Response(405, f"{path} answers GET only\n".encode())
         response = route(query)
         if method == "HEAD":
             return dataclasses.replace(response, body=b"")
         return response
+
+    def _shutdown_requested(self, method: str, from_loopback: bool) -> Response:
+        if method != "POST":
+            return Response(405, b"/shutdown answers POST only\n")
+        if not from_loopback:
+            logger.warning("refused a shutdown request from outside the pod")
+            return Response(403, b"/shutdown is taken from loopback only, inside the pod\n")
+        logger.info("shutdown requested on the admin port")
+        self._shutdown()
+        return Response(200, b"shutting down\n")
 
     def _held(self) -> identity.Certified | None:
         certified = self._certified()
@@ -155,7 +181,7 @@ class Admin:
             except (asyncio.IncompleteReadError, TimeoutError):
                 return
             else:
-                response = self._parse_and_respond(head)
+                response = self._parse_and_respond(head, _is_loopback(writer))
             writer.write(response.encode())
             await writer.drain()
         except (OSError, ConnectionError) as exc:
@@ -165,7 +191,7 @@ class Admin:
             with contextlib.suppress(OSError, ConnectionError):
                 await writer.wait_closed()
 
-    def _parse_and_respond(self, head: bytes) -> Response:
+    def _parse_and_respond(self, head: bytes, from_loopback: bool) -> Response:
         line = head.split(b"\r\n", 1)[0]
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
@@ -174,7 +200,19 @@ class Admin:
             method, target = parts[0].decode("ascii"), parts[1].decode("ascii")
         except UnicodeDecodeError:
             return Response(400, b"request line is not ASCII\n")
-        return self.respond(method, target)
+        return self.respond(method, target, from_loopback=from_loopback)
 
     async def serve(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self.handle, host, port, limit=MAX_HEAD)
+
+
+def _is_loopback(writer: asyncio.StreamWriter) -> bool:
+    """Whether the connection comes from this host's loopback (in a pod: the pod itself)."""
+    peer = writer.get_extra_info("peername")
+    try:
+        address = ipaddress.ip_address(peer[0]) if peer else None
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address is not None and address.is_loopback
