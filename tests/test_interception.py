@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +16,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from meshward import errors
+from meshward.demo import _iptables
 from meshward.proxy import inbound, interception, original_dst, outbound, transparent
+from meshward.proxy import proxy_init as proxy_init_module
 
 DEFAULT_RULES = [
     "-A PREROUTING -j MESHWARD_INBOUND",
@@ -143,25 +147,69 @@ def test_settings_that_would_bypass_or_loop_are_refused(
     assert expected in str(caught.value)
 
 
-def test_the_plan_is_idempotent_by_construction() -> None:
-    steps = interception.plan(interception.Config())
-    args = [step.args for step in steps]
-    for chain in ("MESHWARD_INBOUND", "MESHWARD_OUTBOUND"):
-        create = args.index(("-t", "nat", "-N", chain))
-        flush = args.index(("-t", "nat", "-F", chain))
-        assert steps[create].unless == ("-t", "nat", "-S", chain)  # created only if missing
-        first_rule = next(i for i, a in enumerate(args) if a[2:4] == ("-A", chain))
-        assert create < flush < first_rule  # flushed before being filled
-    jumps = [step for step in steps if step.args[3] in ("PREROUTING", "OUTPUT")]
-    assert [step.args[2:] for step in jumps] == [
-        ("-A", "PREROUTING", "-j", "MESHWARD_INBOUND"),
-        ("-A", "OUTPUT", "-j", "MESHWARD_OUTBOUND"),
+def test_the_restore_input_declares_the_chains_then_fills_them_then_jumps_in() -> None:
+    restore = interception.restore_input(interception.Config())
+    lines = restore.text.splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT" and lines.count("COMMIT") == 1
+    # With --noflush a declaration creates the chain or empties it: no rule is added twice.
+    assert lines[1:3] == [":MESHWARD_INBOUND - [0:0]", ":MESHWARD_OUTBOUND - [0:0]"]
+    # The chains are filled in order, and only then entered.
+    assert lines[3:-1] == [*DEFAULT_RULES[2:], *DEFAULT_RULES[:2]]
+    assert not any(
+        line.startswith(("-F", "-X", "-D", "-I", ":PREROUTING", ":OUTPUT")) for line in lines
+    )
+
+
+def test_the_restore_input_ends_in_what_the_dry_run_shows() -> None:
+    config = interception.Config(
+        skip_inbound_ports=interception.parse_ports("22", "--skip-inbound-ports"),
+        skip_outbound_ports=interception.parse_ports("25,443", "--skip-outbound-ports"),
+    )
+    restore = interception.restore_input(config)
+    rendered = interception.render(config)
+    assert sorted(appended(restore.text)) == sorted(appended(rendered))
+    declared = [line for line in restore.text.splitlines() if line.startswith(":")]
+    assert declared == [line for line in rendered.splitlines() if line.startswith(":")]
+
+
+def test_a_jump_found_in_place_is_left_out() -> None:
+    prerouting, output = interception.JUMPS
+    for present, expected in (
+        ([prerouting], ["-A OUTPUT -j MESHWARD_OUTBOUND"]),
+        ([output], ["-A PREROUTING -j MESHWARD_INBOUND"]),
+        ([prerouting, output], []),
+    ):
+        text = interception.restore_input(interception.Config(), present).text
+        jumps = [line for line in appended(text) if not line.startswith("-A MESHWARD_")]
+        assert jumps == expected
+        assert appended(text)[: len(DEFAULT_RULES) - 2] == DEFAULT_RULES[2:]
+
+
+def test_the_jump_checks_ask_for_those_very_jumps() -> None:
+    assert [interception.jump_check(jump) for jump in interception.JUMPS] == [
+        ("-t", "nat", "-C", "PREROUTING", "-j", "MESHWARD_INBOUND"),
+        ("-t", "nat", "-C", "OUTPUT", "-j", "MESHWARD_OUTBOUND"),
     ]
-    for jump in jumps:  # added only if that very jump is missing, after the chains are filled
-        assert jump.unless == ("-t", "nat", "-C", *jump.args[3:])
-        assert args.index(jump.args) > max(i for i, a in enumerate(args) if a[3].startswith("MESH"))
-    rule_steps = [" ".join(("-A", *step.args[3:])) for step in steps if step.args[2] == "-A"]
-    assert sorted(rule_steps) == sorted(DEFAULT_RULES)
+
+
+def test_a_line_of_the_restore_input_is_told_as_the_rule_it_holds() -> None:
+    restore = interception.restore_input(
+        interception.Config(
+            skip_outbound_ports=interception.parse_ports("443", "--skip-outbound-ports")
+        )
+    )
+    lines = restore.text.splitlines()
+    number = lines.index("-A MESHWARD_OUTBOUND -p tcp -m multiport --dports 443 -j RETURN") + 1
+    assert restore.describe(number) == (
+        f"line {number}, exempt skipped outbound ports (443): "
+        "`-A MESHWARD_OUTBOUND -p tcp -m multiport --dports 443 -j RETURN`"
+    )
+    assert (
+        restore.describe(2) == "line 2, create or empty chain MESHWARD_INBOUND: "
+        "`:MESHWARD_INBOUND - [0:0]`"
+    )
+    assert restore.describe(len(lines)).startswith(f"line {len(lines)}, commit the nat table")
+    assert restore.describe(99) == f"line 99 (the input has {len(lines)} lines)"
 
 
 def test_dry_run_prints_the_rules_and_needs_no_iptables() -> None:
@@ -195,6 +243,41 @@ def test_without_iptables_it_says_how_to_name_one() -> None:
     assert proc.returncode == 1
     assert "iptables is not on PATH" in proc.stderr and "MESHWARD_IPTABLES" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def real_iptables() -> pathlib.Path:
+    """An iptables program of this machine (on PATH, or fetched for the namespace tests)."""
+    on_path = shutil.which("iptables")
+    if on_path is not None:
+        return pathlib.Path(on_path).resolve()
+    fetched = _iptables.cache_dir() / "root" / "usr" / "sbin" / "xtables-nft-multi"
+    if not fetched.is_file():
+        pytest.skip("no iptables here: install one, or run the transparent tests to fetch it")
+    return fetched
+
+
+def test_the_restore_programs_are_found_beside_iptables(tmp_path: pathlib.Path) -> None:
+    real = real_iptables()
+    (tmp_path / "iptables-nft").symlink_to(real)
+    proc = proxy_init("--iptables", str(tmp_path / "iptables-nft"))
+    assert proc.returncode == 1
+    assert f"{tmp_path}/iptables-nft-restore does not exist" in proc.stderr
+    assert "apt-get install iptables" in proc.stderr and "Traceback" not in proc.stderr
+
+    (tmp_path / "iptables-nft-restore").symlink_to(real)
+    (tmp_path / "ip6tables-nft").symlink_to(real)
+    with pytest.raises(errors.ConfigError) as caught:
+        proxy_init_module.families(str(tmp_path / "iptables-nft"), {}, ipv6=True)
+    assert f"{tmp_path}/ip6tables-nft-restore does not exist" in str(caught.value)
+
+    (tmp_path / "ip6tables-nft-restore").symlink_to(real)
+    found = proxy_init_module.families(str(tmp_path / "iptables-nft"), {}, ipv6=True)
+    assert [(f.name, f.iptables.name, f.restore.name) for f in found] == [
+        ("IPv4", "iptables-nft", "iptables-nft-restore"),
+        ("IPv6", "ip6tables-nft", "ip6tables-nft-restore"),
+    ]
+    only_v4 = proxy_init_module.families(str(tmp_path / "iptables-nft"), {}, ipv6=False)
+    assert [f.name for f in only_v4] == ["IPv4"]
 
 
 def test_a_bad_flag_is_named() -> None:

@@ -138,14 +138,110 @@ def test_proxy_init_installs_the_rules_once_however_often_it_runs(
 
 
 def test_proxy_init_without_net_admin_says_which_rule_failed_and_why(
-    network: netns.Network, ipt: netns.Iptables
+    network: netns.Network, ipt: netns.Iptables, tmp_path: pathlib.Path
 ) -> None:
     pod = network.add("pod", 2)
     denied = proxy_init(pod, ipt, without_net_admin=True)
     assert denied.returncode == 1
-    assert "step 1 of" in denied.stderr and "create chain MESHWARD_INBOUND" in denied.stderr
+    assert "IPv4: could not check whether PREROUTING already jumps" in denied.stderr
     assert "Permission denied" in denied.stderr and "CAP_NET_ADMIN" in denied.stderr
     assert "Traceback" not in denied.stderr
+    assert nat_rules(pod, ipt.save, ipt) == []
+
+    # A re-run that fails half-way (iptables without its multiport extension) keeps the rules
+    # in force: the restore is all or nothing.
+    done = proxy_init(pod, ipt)
+    assert done.returncode == 0, done.stderr
+    installed = nat_rules(pod, ipt.save, ipt)
+    argv = [sys.executable, "-m", "meshward", "proxy-init", "--iptables", str(ipt.path)]
+    broken = subprocess.run(
+        pod.argv("env", f"XTABLES_LIBDIR={tmp_path}", *argv, "--skip-outbound-ports", "443"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(ipt.env),
+        cwd=kubetest.ROOT,
+    )
+    assert broken.returncode == 1
+    assert "IPv4: " in broken.stderr and "none of the IPv4 rules changed" in broken.stderr
+    assert "`-A MESHWARD_INBOUND -p tcp -m multiport --dports 4191 -j RETURN`" in broken.stderr
+    assert "Couldn't load match `multiport'" in broken.stderr
+    assert "iptables lacks that extension" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert nat_rules(pod, ipt.save, ipt) == installed
+
+
+def test_proxy_init_run_again_never_lets_a_connection_bypass_the_proxy(
+    network: netns.Network, ipt: netns.Iptables, tmp_path: pathlib.Path
+) -> None:
+    """Re-running proxy-init (an init container restarted) replaces the rules in one commit:
+    a process dialing out all the while sees every connection redirected, none going past."""
+    watcher = textwrap.dedent("""
+        import json, os, socket, struct, sys, time
+        target, stop = (sys.argv[1], int(sys.argv[2])), sys.argv[3]
+        proxy = socket.socket()  # where the proxy's outbound listener would be
+        proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        proxy.bind(("0.0.0.0", int(sys.argv[4])))
+        proxy.listen(64)
+        proxy.settimeout(1)
+
+        def went_past():
+            with socket.socket() as dialer:
+                dialer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                dialer.settimeout(1)
+                try:
+                    dialer.connect(target)
+                    accepted, peer = proxy.accept()
+                except OSError as exc:
+                    return repr(exc)
+                with accepted:
+                    return None if peer == dialer.getsockname() else f"the proxy got {peer}"
+
+        redirected, bypassed, give_up = 0, [], time.monotonic() + 20
+        while not os.path.exists(stop):
+            problem = went_past()
+            if problem is None:
+                redirected += 1
+                if redirected == 1:
+                    print("ready", flush=True)
+            else:
+                bypassed.append(problem)
+                if not redirected and time.monotonic() > give_up:
+                    print(f"never redirected: {problem}", flush=True)
+                    break
+            time.sleep(0.001)
+        print(json.dumps({"redirected": redirected, "bypassed": bypassed}))
+    """)
+    pod = network.add("pod", 2)
+    first = proxy_init(pod, ipt)
+    assert first.returncode == 0, first.stderr
+    installed = nat_rules(pod, ipt.save, ipt)
+    stop = tmp_path / "stop"
+    ready = ""
+    dialing = subprocess.Popen(
+        pod.argv(
+            *(sys.executable, "-c", watcher, network.gateway, "9", str(stop)),
+            str(interception.OUTBOUND_PORT),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert dialing.stdout is not None
+        ready = dialing.stdout.readline()
+        if ready == "ready\n":
+            for _ in range(20):
+                again = proxy_init(pod, ipt)
+                assert again.returncode == 0, again.stderr
+    finally:
+        stop.touch()
+        out, err = dialing.communicate(timeout=30)
+    assert ready == "ready\n", f"the dialer never reached the proxy: {ready} {err}"
+    seen = json.loads(out)
+    assert seen["bypassed"] == [], f"{len(seen['bypassed'])} connections went past the proxy"
+    assert seen["redirected"] > 100, err  # it kept dialing the whole time
+    assert nat_rules(pod, ipt.save, ipt) == installed  # one copy of each, as before
 
 
 def test_original_destinations_of_redirected_connections(

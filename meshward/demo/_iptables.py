@@ -1,6 +1,7 @@
 """An iptables that works in a fresh network namespace: the one on PATH, else Debian's, fetched
 once into the per-user cache (``$XDG_CACHE_HOME/meshward/iptables``) and run from there, as the
-control plane's binaries are: nothing is installed system-wide.
+control plane's binaries are: nothing is installed system-wide. Its ``-save`` and ``-restore``
+programs (and ip6tables') come with it, from the same package.
 
 Shared by the demo's transparent mode and the network-namespace tests (tests/netns.py).
 """
@@ -49,6 +50,12 @@ class Iptables:
         return self.path.with_name(f"{self.path.name}-save")
 
     @property
+    def restore(self) -> pathlib.Path:
+        """The matching ``iptables-restore``, with which ``meshward proxy-init`` applies the
+        rules in one commit."""
+        return self.path.with_name(f"{self.path.name}-restore")
+
+    @property
     def ip6(self) -> pathlib.Path:
         return self.path.with_name(self.path.name.replace("iptables", "ip6tables", 1))
 
@@ -94,9 +101,14 @@ def iptables() -> Iptables:
 
 
 def _working(candidates: Sequence[pathlib.Path], env: dict[str, str]) -> Iptables:
-    """The first candidate that can list the nat table in a fresh namespace."""
+    """The first candidate that can list the nat table in a fresh namespace and has its
+    restore program beside it (proxy-init needs both)."""
     problems = []
     for path in candidates:
+        restore = Iptables(path, env).restore
+        if shutil.which(restore) is None:
+            problems.append(f"{restore} is missing: proxy-init applies the rules with it")
+            continue
         name = f"mw-probe-{uuid.uuid4().hex[:6]}"
         run(["ip", "netns", "add", name])
         try:

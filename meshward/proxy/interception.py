@@ -14,17 +14,21 @@ Linkerd's design, in the ``nat`` table of the pod's own network namespace:
 The proxy reads where a redirected connection was going from the connection itself
 (:mod:`meshward.proxy.original_dst`), so applications keep dialing ordinary addresses.
 
-The rules name no address, so the same set serves iptables and ip6tables. Applying them is
-idempotent (:func:`plan`): each chain is created only if missing and flushed before it is
-filled, and each jump from a built-in chain is added only if that very jump is missing, so
-applying twice leaves one copy of everything. :func:`render` shows the result as
-``iptables-save`` prints it, for ``meshward proxy-init --dry-run``.
+The rules name no address, so the same set serves iptables and ip6tables. They are applied
+in one ``iptables-restore --noflush`` per family (:func:`restore_input`), which the kernel
+commits all at once: declaring our chains creates a missing one or empties an existing one
+within that same commit, so a re-run replaces the rules without a moment in which traffic goes
+past the proxy, and a failed run changes nothing. Every other chain of the table is left alone.
+Each jump from a built-in chain is in the input only if that very jump is missing (the caller
+checks with ``iptables -C``), so applying twice leaves one copy of everything. :func:`render`
+shows the result as ``iptables-save`` prints it, for ``meshward proxy-init --dry-run``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Collection
 
 from meshward.errors import ConfigError
 
@@ -168,16 +172,6 @@ class Rule:
         return " ".join(("-A", self.chain, *self.spec))
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """One iptables invocation (``args``, without the program's name), with ``what`` it does
-    for messages; skipped when ``unless`` is given and that check command succeeds."""
-
-    what: str
-    args: tuple[str, ...]
-    unless: tuple[str, ...] | None = None
-
-
 def _skip(chain: str, ranges: tuple[PortRange, ...], why: str) -> list[tuple[Rule, str]]:
     """RETURN rules for ``ranges``, as few as multiport allows."""
     rules: list[tuple[Rule, str]] = []
@@ -240,30 +234,49 @@ JUMPS = (
 """Where the chains are entered from: every packet the pod receives, and every one it sends."""
 
 
-def plan(config: Config) -> tuple[Step, ...]:
-    """The iptables invocations that install :func:`rules` idempotently.
+def jump_check(jump: Rule) -> tuple[str, ...]:
+    """The iptables arguments that succeed only if ``jump`` is already in place."""
+    return ("-t", TABLE, "-C", jump.chain, *jump.spec)
 
-    The chains are filled before the jumps into them are added, so a first run never sends
-    traffic into a half-built chain.
+
+@dataclasses.dataclass(frozen=True)
+class RestoreInput:
+    """What ``iptables-restore --noflush`` reads on standard input, with what each line is for
+    (so that an error at line N can be told as the rule it concerns)."""
+
+    lines: tuple[tuple[str, str], ...]
+    """Each line of the input (without its newline) and what it does."""
+
+    @property
+    def text(self) -> str:
+        return "".join(f"{line}\n" for line, _ in self.lines)
+
+    def describe(self, number: int) -> str:
+        """Line ``number`` (counted from 1, as iptables-restore reports it) and its purpose."""
+        if not 1 <= number <= len(self.lines):
+            return f"line {number} (the input has {len(self.lines)} lines)"
+        line, what = self.lines[number - 1]
+        return f"line {number}, {what}: `{line}`"
+
+
+def restore_input(config: Config, present: Collection[Rule] = ()) -> RestoreInput:
+    """The ``nat`` table input that installs :func:`rules` and each of :data:`JUMPS` not in
+    ``present`` (the jumps found in place), as one commit.
+
+    With ``--noflush``, declaring a chain creates it if missing and empties it if not, and the
+    rest of the table is kept; the jumps come after the chains they enter are declared.
     """
-    table = ("-t", TABLE)
-    steps: list[Step] = []
+    lines: list[tuple[str, str]] = [(f"*{TABLE}", f"open the {TABLE} table")]
     for chain in (INBOUND_CHAIN, OUTBOUND_CHAIN):
-        steps.append(
-            Step(f"create chain {chain}", (*table, "-N", chain), unless=(*table, "-S", chain))
-        )
-        steps.append(Step(f"flush chain {chain}", (*table, "-F", chain)))
-    for rule, what in _described(config):
-        steps.append(Step(what, (*table, "-A", rule.chain, *rule.spec)))
-    for jump in JUMPS:
-        steps.append(
-            Step(
-                f"send {jump.chain} through {jump.spec[-1]}",
-                (*table, "-A", jump.chain, *jump.spec),
-                unless=(*table, "-C", jump.chain, *jump.spec),
-            )
-        )
-    return tuple(steps)
+        lines.append((f":{chain} - [0:0]", f"create or empty chain {chain}"))
+    lines.extend((str(rule), what) for rule, what in _described(config))
+    lines.extend(
+        (str(jump), f"send {jump.chain} through {jump.spec[-1]}")
+        for jump in JUMPS
+        if jump not in present
+    )
+    lines.append(("COMMIT", f"commit the {TABLE} table"))
+    return RestoreInput(tuple(lines))
 
 
 def render(config: Config) -> str:

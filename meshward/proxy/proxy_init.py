@@ -2,22 +2,30 @@
 
 The injector runs it as an init container (with NET_ADMIN and NET_RAW), before the application
 and the proxy start. The rules themselves are :mod:`meshward.proxy.interception`; this module
-finds iptables, runs the steps one by one, and on the first failure stops with a message naming
-the rule, iptables' own reason and what to do (exit status 1). ``--dry-run`` prints the rules
-as ``iptables-save`` would and changes nothing.
+finds iptables and applies them with one ``iptables-restore --noflush`` per address family,
+which the kernel commits all at once: a re-run (an init container restarted) never leaves a
+moment in which a connection gets past the proxy, and a failed run changes nothing in that
+family. Before it, ``iptables -C`` checks which jumps into our chains are already in place, so
+that none is added twice. On failure it stops with a message naming the family, the rule,
+iptables' own reason and what to do (exit status 1). ``--dry-run`` prints the rules as
+``iptables-save`` would and changes nothing.
 
-Which iptables: ``--iptables PATH``, else ``$MESHWARD_IPTABLES``, else ``iptables`` on PATH. The
-same rules go to IPv6 through the ip6tables beside it (``ip6tables``, ``ip6tables-nft``...,
-named after the iptables given) whenever the namespace has IPv6, since a family left without
-rules would let clients reach the application around the proxy; no ip6tables there is then an
-error, not a warning.
+Which iptables: ``--iptables PATH``, else ``$MESHWARD_IPTABLES``, else ``iptables`` on PATH; its
+restore program is the one beside it with ``-restore`` appended to its name
+(``iptables-nft-restore`` for ``iptables-nft``...). The same rules go to IPv6 through the
+ip6tables beside it (``ip6tables``, ``ip6tables-nft``..., named after the iptables given) and
+its restore program whenever the namespace has IPv6, since a family left without rules would
+let clients reach the application around the proxy; a missing program is then an error, not a
+warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -28,10 +36,15 @@ from meshward.proxy import interception
 ENV = "MESHWARD_IPTABLES"
 TIMEOUT = 30.0
 WAIT_FOR_LOCK = "10"
-"""Seconds iptables waits for the xtables lock another process holds (legacy backend)."""
+"""Seconds iptables and iptables-restore wait for the xtables lock another process holds
+(legacy backend; the nft backend accepts and ignores it)."""
 IPV6_SWITCH = pathlib.Path("/proc/sys/net/ipv6/conf/all/disable_ipv6")
 
 _PORT_LIST = "LIST"
+_ERROR_LINE = re.compile(r"error occurred at line:?\s*([0-9]+)", re.IGNORECASE)
+_JUMP_MISSING = (1, 2)
+"""``iptables -C`` exit statuses that mean "not there": 1, no such rule; 2, its target chain
+does not exist yet. Any other failure (permission, lock) means the check could not look."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,22 +113,50 @@ def config_from(args: argparse.Namespace) -> interception.Config:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One address family and its programs: ``iptables`` checks for jumps, ``restore`` applies."""
+
+    name: str
+    iptables: pathlib.Path
+    restore: pathlib.Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """What one restore put in place: ``rules`` in our chains, ``jumps_added`` into them (the
+    others were found in place and left out)."""
+
+    rules: int
+    jumps_added: int
+
+
 def main(args: argparse.Namespace) -> int:
     """The command: 0 once every rule is in place (or printed, with ``--dry-run``)."""
     config = config_from(args)
     if args.dry_run:
-        print("# meshward proxy-init --dry-run: the nat rules, for iptables and ip6tables alike")
+        print(
+            "# meshward proxy-init --dry-run: the nat rules, for iptables and ip6tables alike, "
+            "applied in one commit per family with iptables-restore --noflush"
+        )
         print(interception.render(config), end="")
         return 0
-    programs = [find_iptables(args.iptables, os.environ)]
-    if ipv6_enabled():
-        programs.append(ip6tables_beside(programs[0]))
-    steps = interception.plan(config)
-    for program in programs:
-        ran = apply(program, steps, os.environ)
+    done: list[str] = []
+    for family in families(args.iptables, os.environ, ipv6_enabled()):
+        try:
+            applied = apply(family, config, os.environ)
+        except errors.InterceptionError as exc:
+            if not done:
+                raise
+            raise errors.InterceptionError(
+                f"{exc} (the {' and '.join(done)} rules are in place: run proxy-init again "
+                "once this is fixed)"
+            ) from exc
+        done.append(family.name)
         print(
-            f"meshward proxy-init: {program}: rules in place ({ran} of {len(steps)} steps run, "
-            "the others found in place)"
+            f"meshward proxy-init: {family.name}: {applied.rules} rules applied in one commit by "
+            f"{family.restore}; jumps into them: {applied.jumps_added} added, "
+            f"{len(interception.JUMPS) - applied.jumps_added} already in place"
         )
     exempt = [f"UID {config.proxy_uid}", "loopback", f"admin port {config.admin_port}"]
     for direction, ranges in (
@@ -130,6 +171,17 @@ def main(args: argparse.Namespace) -> int:
         f"{config.outbound_port}; exempt: {', '.join(exempt)}"
     )
     return 0
+
+
+def families(explicit: str | None, env: Mapping[str, str], ipv6: bool) -> list[Family]:
+    """IPv4's programs, and IPv6's when ``ipv6``; every one found before anything is applied,
+    so that a missing one changes nothing. Raises :class:`~meshward.errors.ConfigError`."""
+    iptables = find_iptables(explicit, env)
+    found = [Family("IPv4", iptables, restore_beside(iptables))]
+    if ipv6:
+        ip6tables = ip6tables_beside(iptables)
+        found.append(Family("IPv6", ip6tables, restore_beside(ip6tables)))
+    return found
 
 
 def find_iptables(explicit: str | None, env: Mapping[str, str]) -> pathlib.Path:
@@ -168,6 +220,20 @@ def ip6tables_beside(iptables: pathlib.Path) -> pathlib.Path:
     )
 
 
+def restore_beside(program: pathlib.Path) -> pathlib.Path:
+    """The restore program that goes with ``program`` (``iptables-nft`` ->
+    ``iptables-nft-restore``, same directory), so both use the same backend."""
+    path = program.with_name(f"{program.name}-restore")
+    if shutil.which(path) is not None:
+        return path
+    raise errors.ConfigError(
+        f"{path} {_why_unusable(path)}: proxy-init applies the rules in one commit with the "
+        f"restore program beside {program}. Install the whole iptables package there (Debian: "
+        "apt-get install iptables), or name an iptables that has its -restore beside it with "
+        f"--iptables PATH or {ENV}=PATH"
+    )
+
+
 def _why_unusable(path: pathlib.Path) -> str:
     try:
         return "is not executable" if path.is_file() else "does not exist"
@@ -182,33 +248,58 @@ def ipv6_enabled() -> bool:
         return False  # a kernel without IPv6
 
 
-def apply(program: pathlib.Path, steps: Sequence[interception.Step], env: Mapping[str, str]) -> int:
-    """Run ``steps`` with ``program``; return how many ran (a check that finds its chain or
-    jump in place skips a step). Raises
-    :class:`~meshward.errors.InterceptionError` at the first step that fails."""
-    ran = 0
-    for number, step in enumerate(steps, 1):
-        if step.unless is not None and _run(program, step.unless, env).returncode == 0:
-            continue
-        proc = _run(program, step.args, env)
-        if proc.returncode != 0:
-            command = " ".join((program.name, *step.args))
-            reason = _reason(proc.stderr) or f"exit status {proc.returncode}"
-            raise errors.InterceptionError(
-                f"step {number} of {len(steps)} ({step.what}) failed: `{command}`: {reason}"
-                f"{_advice(proc.stderr)}"
-            )
-        ran += 1
-    return ran
+def apply(family: Family, config: interception.Config, env: Mapping[str, str]) -> Applied:
+    """Install ``config``'s rules in ``family`` in one ``--noflush`` restore, adding only the
+    jumps not found in place. Raises :class:`~meshward.errors.InterceptionError` naming the
+    family, the line that failed and why; nothing of that family has changed then."""
+    present = [jump for jump in interception.JUMPS if _jump_present(family, jump, env)]
+    restore = interception.restore_input(config, present)
+    argv = [str(family.restore), "-w", WAIT_FOR_LOCK, "--noflush"]
+    proc = _run(argv, env, restore.text)
+    if proc.returncode != 0:
+        where = _ERROR_LINE.search(proc.stderr)
+        what = restore.describe(int(where.group(1))) + ": " if where else ""
+        kept = "\n".join(line for line in proc.stderr.splitlines() if not _ERROR_LINE.search(line))
+        reason = _reason(kept) or f"exit status {proc.returncode}"
+        raise errors.InterceptionError(
+            f"{family.name}: `{' '.join((family.restore.name, *argv[1:]))}` failed, so none "
+            f"of the {family.name} rules changed: {what}{reason}{_advice(proc.stderr)}"
+        )
+    return Applied(
+        rules=len(interception.rules(config)),
+        jumps_added=len(interception.JUMPS) - len(present),
+    )
+
+
+def _jump_present(family: Family, jump: interception.Rule, env: Mapping[str, str]) -> bool:
+    """Whether ``jump`` is in place; raises when iptables could not look, as that is no answer."""
+    args = interception.jump_check(jump)
+    argv = [str(family.iptables), "-w", WAIT_FOR_LOCK, *args]
+    proc = _run(argv, env)
+    if proc.returncode == 0:
+        return True
+    if proc.returncode in _JUMP_MISSING:
+        return False
+    reason = _reason(proc.stderr) or f"exit status {proc.returncode}"
+    raise errors.InterceptionError(
+        f"{family.name}: could not check whether {jump.chain} already jumps to "
+        f"{jump.spec[-1]}, so no {family.name} rule was changed: "
+        f"`{' '.join((family.iptables.name, *argv[1:]))}`: {reason}{_advice(proc.stderr)}"
+    )
 
 
 def _run(
-    program: pathlib.Path, args: Sequence[str], env: Mapping[str, str]
+    argv: Sequence[str], env: Mapping[str, str], stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    argv = [str(program), "-w", WAIT_FOR_LOCK, *args]
     try:
         return subprocess.run(
-            argv, capture_output=True, text=True, env=dict(env), timeout=TIMEOUT, check=False
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=dict(env),
+            timeout=TIMEOUT,
+            check=False,
         )
     except subprocess.TimeoutExpired as exc:
         raise errors.InterceptionError(
@@ -217,7 +308,7 @@ def _run(
         ) from exc
     except OSError as exc:
         raise errors.InterceptionError(
-            f"could not run {program}: {exc.strerror}: name a working iptables with --iptables"
+            f"could not run {argv[0]}: {exc.strerror}: name a working iptables with --iptables"
         ) from exc
 
 
@@ -237,6 +328,17 @@ def _advice(stderr: str) -> str:
         return (
             ". Run proxy-init as root with CAP_NET_ADMIN (an init container needs the "
             "NET_ADMIN and NET_RAW capabilities)"
+        )
+    if "unable to initialize table" in text:  # iptables-legacy-restore says no more than that
+        return (
+            ". Either proxy-init lacks CAP_NET_ADMIN (an init container needs the NET_ADMIN and "
+            "NET_RAW capabilities) or the kernel lacks the nat table (load iptable_nat, or try "
+            "the other backend: iptables-legacy or iptables-nft)"
+        )
+    if "couldn't load" in text:
+        return (
+            ". iptables lacks that extension: install it (libxt_*.so in iptables' extension "
+            "directory, $XTABLES_LIBDIR if set), or name a complete iptables with --iptables"
         )
     if any(
         hint in text
