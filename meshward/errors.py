@@ -7,7 +7,9 @@
     │   ├── InvalidResource    a resource fails validation (what, and how to fix it)
     │   ├── PolicyNotFound     a namespace has no compiled policy document
     │   ├── PodNotFound        a pod named in a question does not exist
-    │   └── PolicyAccessDenied a certificate does not entitle its holder to the policy it asked for
+    │   ├── PolicyAccessDenied a certificate does not entitle its holder to the policy it asked for
+    │   ├── InvalidLookupReply the policy server's answer to a destination lookup is unusable
+    │   └── InvalidLookup      a destination lookup names no IP address, or no port
     ├── IdentityError          a certificate can not be issued or trusted
     │   ├── InvalidCSR         the CSR is malformed, oversized, badly signed or has a weak key
     │   ├── InvalidIdentity    the requested identity is not a well-formed mesh identity
@@ -66,6 +68,17 @@ class PodNotFound(PolicyError):
 class PolicyAccessDenied(PolicyError):
     """A proxy asked for policy its certificate does not entitle it to: another namespace's, or
     any from a certificate of another trust domain."""
+
+
+class InvalidLookupReply(PolicyError):
+    """The policy server's answer to a destination lookup can not be acted on (a meshed
+    destination without identities, an identity that is not a workload SPIFFE ID); the proxy
+    treats it as no answer at all."""
+
+
+class InvalidLookup(PolicyError):
+    """A proxy asked whether a destination is meshed with an address that is not an IP literal
+    or a port outside 1..65535; the policy server answers INVALID_ARGUMENT."""
 
 
 class ClusterUnreachable(MeshwardError):

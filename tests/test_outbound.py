@@ -6,12 +6,16 @@ import asyncio
 import pathlib
 import uuid
 
+import pytest
+
 from meshward.proxy import outbound, tls
 from tests import builders
-from tests.test_inbound import ALLOW_VOTE_BOT, STRICT, compiled, settled, workload
+from tests.test_inbound import ALLOW_VOTE_BOT, STRICT, compiled, settled, sink, workload
 from tests.test_proxy_tls import Mesh
 
 WEB = "spiffe://cluster.local/ns/app/sa/web"
+DB = "spiffe://cluster.local/ns/app/sa/db"
+API = "spiffe://cluster.local/ns/app/sa/api"
 
 
 def vote_bot(tmp: pathlib.Path, mesh: Mesh) -> outbound.Outbound:
@@ -45,7 +49,7 @@ async def test_plaintext_app_to_mtls_peer_end_to_end(tmp_path: pathlib.Path) -> 
     mesh = Mesh()
     async with workload(tmp_path, mesh, compiled(*ALLOW_VOTE_BOT, mesh=STRICT)) as (port, inbound):
         proxy = vote_bot(tmp_path, mesh)
-        assert await call(proxy, outbound.Route("127.0.0.1", port, WEB)) == b"vote\n"
+        assert await call(proxy, outbound.Route("127.0.0.1", port, frozenset({WEB}))) == b"vote\n"
         c = await settled(inbound)
         assert (c.allowed, c.denied, c.plaintext_refused) == (1, 0, 0)
     assert (proxy.counters.connected, proxy.counters.refused_identity) == (1, 0)
@@ -55,9 +59,45 @@ async def test_a_peer_with_another_identity_gets_nothing(tmp_path: pathlib.Path)
     mesh = Mesh()
     async with workload(tmp_path, mesh, compiled(*ALLOW_VOTE_BOT, mesh=STRICT)) as (port, _):
         proxy = vote_bot(tmp_path, mesh)
-        route = outbound.Route("127.0.0.1", port, "spiffe://cluster.local/ns/app/sa/db")
+        route = outbound.Route("127.0.0.1", port, frozenset({DB}))
         assert await call(proxy, route) == b""
     assert (proxy.counters.connected, proxy.counters.refused_identity) == (0, 1)
+
+
+async def test_a_peer_proving_one_of_the_expected_identities_gets_through(
+    tmp_path: pathlib.Path,
+) -> None:
+    """As discovery pins a Service: one identity per ServiceAccount among its endpoints."""
+    mesh = Mesh()
+    async with workload(tmp_path, mesh, compiled(*ALLOW_VOTE_BOT, mesh=STRICT)) as (port, inbound):
+        proxy = vote_bot(tmp_path, mesh)
+        route = outbound.Route("127.0.0.1", port, frozenset({DB, WEB, API}))
+        assert await call(proxy, route) == b"vote\n"
+        assert (await settled(inbound)).allowed == 1
+    assert (proxy.counters.connected, proxy.counters.refused_identity) == (1, 0)
+
+
+@pytest.mark.parametrize("expected", [frozenset({DB, API}), frozenset()], ids=["others", "none"])
+async def test_a_peer_outside_the_expected_identities_gets_nothing(
+    tmp_path: pathlib.Path, expected: frozenset[str]
+) -> None:
+    mesh = Mesh()
+    received: list[bytes] = []
+    policy = compiled(*ALLOW_VOTE_BOT, mesh=STRICT)
+    async with workload(tmp_path, mesh, policy, sink(received)) as (port, inbound):
+        proxy = vote_bot(tmp_path, mesh)
+        assert await call(proxy, outbound.Route("127.0.0.1", port, expected)) == b""
+        await settled(inbound)
+    assert received in ([], [b""])  # not a byte of the application's reached the peer
+    assert (proxy.counters.connected, proxy.counters.refused_identity) == (0, 1)
+
+
+def test_a_route_takes_a_set_of_identities_not_a_string() -> None:
+    with pytest.raises(TypeError, match="frozenset of SPIFFE IDs"):
+        outbound.Route("127.0.0.1", 1, WEB)  # type: ignore[arg-type]
+    assert outbound.Route("127.0.0.1", 1, frozenset({WEB})).admits(WEB)
+    assert not outbound.Route("127.0.0.1", 1, frozenset({WEB})).admits(WEB + "x")
+    assert outbound.Route("127.0.0.1", 1, None).admits(DB)
 
 
 async def test_a_peer_of_another_mesh_is_refused(tmp_path: pathlib.Path) -> None:
@@ -74,7 +114,7 @@ async def test_without_a_certificate_nothing_leaves(tmp_path: pathlib.Path) -> N
     mesh = Mesh()
     async with workload(tmp_path, mesh, compiled(*ALLOW_VOTE_BOT)) as (port, inbound):
         proxy = outbound.Outbound(client_context=lambda: None)
-        assert await call(proxy, outbound.Route("127.0.0.1", port, WEB)) == b""
+        assert await call(proxy, outbound.Route("127.0.0.1", port, frozenset({WEB}))) == b""
         assert inbound.counters.accepted == 0
     assert proxy.counters.failed == 1
 
@@ -121,7 +161,7 @@ async def test_outbound_counts_connections_bytes_and_failed_handshakes(
     proxy = vote_bot(tmp_path, mesh)
     strict = compiled(*ALLOW_VOTE_BOT, mesh=STRICT)
     async with workload(tmp_path / "ours", mesh, strict) as (port, _):
-        assert await call(proxy, outbound.Route("127.0.0.1", port, WEB)) == b"vote\n"
+        assert await call(proxy, outbound.Route("127.0.0.1", port, frozenset({WEB}))) == b"vote\n"
     async with workload(tmp_path / "theirs", Mesh(), compiled(*ALLOW_VOTE_BOT)) as (port, _):
         assert await call(proxy, outbound.Route("127.0.0.1", port, None)) == b""
     for _ in range(100):

@@ -37,10 +37,11 @@ from meshward.identity import pki
 from meshward.policy import compile as policy_compile
 from meshward.policy import compiled, decision
 from meshward.policy.resources import DefaultPolicy
-from meshward.policyserver import publisher, server
+from meshward.policyserver import destinations, documents, metrics, publisher, reports, server
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
 from meshward.proxy import identity, policy_stream
 from tests import builders, kubetest
+from tests.test_destinations import create_pod, free_ips, pod_spec, service_accounts
 from tests.test_identity_service import IdentityService, init_trust, meshward, name, token_for
 from tests.test_proxy_identity import proxy_settings
 from tests.test_proxy_identity import running as renewing
@@ -753,7 +754,10 @@ def test_policy_serve_refuses_to_start_without_configmap_rbac(
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("meshward: error: the policy server may not list or watch configmaps")
+    assert "list or watch pods, list or watch services, list or watch endpointslices." in last
     assert "verbs: [list, watch], resourceNames: [meshward-policy]" in last
+    assert "resources: [pods, services], verbs: [list, watch]" in last
+    assert "{apiGroups: [discovery.k8s.io], resources: [endpointslices]" in last
 
 
 # -- proxy reports (issue 6) -----------------------------------------------------------------
@@ -1130,3 +1134,146 @@ async def test_the_server_refuses_names_it_can_not_publish_under(
     with pytest.raises(errors.ConfigError) as refused:
         await server.start(dataclasses.replace(settings(trust), **change))  # type: ignore[arg-type]
     assert says in str(refused.value)
+
+
+# -- destination lookups ---------------------------------------------------------------------
+
+
+async def lookup(
+    port: int, trust: pathlib.Path, credentials: KeyAndChain | None, address: str, to: int
+) -> policy_pb2.LookupReply:
+    """One Lookup as a proxy makes it; raises the call's error."""
+    key, chain = credentials or (None, None)
+    creds = grpc.ssl_channel_credentials((trust / "ca-bundle.crt").read_bytes(), key, chain)
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
+        reply: policy_pb2.LookupReply = await policy_pb2_grpc.PolicyStub(channel).Lookup(
+            policy_pb2.LookupRequest(address=address, port=to), timeout=10
+        )
+    return reply
+
+
+async def test_lookup_answers_a_meshed_pod_with_its_identity_and_an_unknown_ip_plain(
+    policy_server: server.Running, trust: pathlib.Path, core: client.CoreV1Api, namespace: str
+) -> None:
+    service_accounts(core, namespace, "web")
+    web_ip, unknown_ip = free_ips(2)
+    create_pod(core, namespace, pod_spec("web-0", namespace), web_ip)
+    # any workload of the mesh may ask, whatever its namespace
+    caller = workload_certificate(trust, "t-someone-else", "client")
+    port = policy_server.port
+    replies: list[policy_pb2.LookupReply] = []
+
+    async def meshed() -> bool:
+        replies.append(await lookup(port, trust, caller, web_ip, 8080))
+        return replies[-1].meshed
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not await meshed():
+        assert loop.time() < deadline, "the pod was never answered as meshed"
+        await asyncio.sleep(0.05)
+    reply = replies[-1]
+    assert list(reply.identities) == [f"spiffe://{TD}/ns/{namespace}/sa/web"]
+    assert reply.ttl_ms == 5000
+    skipped = await lookup(port, trust, caller, web_ip, 4191)  # the proxy's admin port
+    assert not skipped.meshed and list(skipped.identities) == []
+    plain = await lookup(port, trust, caller, unknown_ip, 8080)
+    assert not plain.meshed and list(plain.identities) == [] and plain.ttl_ms == 5000
+    admin = policy_server.admin_port
+    assert await metric(admin, 'policy_lookups_total{result="meshed"}') == 1
+    assert await metric(admin, 'policy_lookups_total{result="plain"}') == len(replies) - 1 + 2
+    assert await metric(admin, 'policy_destinations{kind="pods"}') >= 1
+
+
+@pytest.mark.parametrize(
+    ("address", "to", "says"),
+    [
+        ("web.shop.svc.cluster.local", 80, "address 'web.shop.svc.cluster.local' is not an IP"),
+        ("", 80, "address '' is not an IP literal"),
+        ("10.0.0.1", 0, "port 0 is not a port number: send the destination port, 1 to 65535"),
+        ("10.0.0.1", 70000, "port 70000 is not a port number"),
+    ],
+)
+async def test_a_malformed_lookup_is_invalid_argument(
+    policy_server: server.Running, trust: pathlib.Path, address: str, to: int, says: str
+) -> None:
+    credentials = workload_certificate(trust, "t-someone-else")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await lookup(policy_server.port, trust, credentials, address, to)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in str(refused.value.details())
+    admin = policy_server.admin_port
+    assert await metric(admin, 'policy_lookups_total{result="invalid_argument"}') == 1
+
+
+async def test_lookup_needs_a_mesh_certificate_of_this_trust_domain(
+    policy_server: server.Running, trust: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    port = policy_server.port
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await lookup(port, trust, None, "10.0.0.1", 80)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake failed
+    foreign_ca = workload_certificate(init_trust(tmp_path / "foreign"), "apps")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await lookup(port, trust, foreign_ca, "10.0.0.1", 80)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await lookup(port, trust, certificate_without_spiffe_id(trust), "10.0.0.1", 80)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no SPIFFE ID" in str(refused.value.details())
+    other_domain = workload_certificate(trust, "apps", trust_domain="other.example")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await lookup(port, trust, other_domain, "10.0.0.1", 80)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "trust domain 'other.example'" in str(refused.value.details())
+    admin = policy_server.admin_port
+    assert await metric(admin, 'policy_lookups_total{result="unauthenticated"}') == 1
+    assert await metric(admin, 'policy_lookups_total{result="permission_denied"}') == 1
+
+
+async def test_lookup_is_unavailable_until_the_cluster_has_been_listed(
+    trust: pathlib.Path,
+) -> None:
+    """The real servicer over mutual TLS, with an index whose first lists have not arrived:
+    it must refuse to answer rather than say "plaintext" for a pod it does not know yet."""
+    counters = metrics.Metrics()
+    synced = asyncio.Event()
+    index = destinations.Index(TD)
+    servicer = server.PolicyServicer(
+        documents.Documents(), counters, TD, reports.Reports(counters), index, synced
+    )
+    issuer = issuer_of(trust)
+    cert, key = pki.new_server_certificate(issuer, ["localhost"], datetime.timedelta(hours=1))
+    credentials = grpc.ssl_server_credentials(
+        [(pki.key_to_pem(key), pki.to_pem(cert, issuer.certificate))],
+        root_certificates=(trust / "ca-bundle.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    grpc_server = grpc.aio.server()
+    policy_pb2_grpc.add_PolicyServicer_to_server(servicer, grpc_server)  # type: ignore[no-untyped-call]
+    port = grpc_server.add_secure_port("127.0.0.1:0", credentials)
+    await grpc_server.start()
+    try:
+        caller = workload_certificate(trust, "apps")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await lookup(port, trust, caller, "10.42.0.7", 8080)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "has not yet listed the cluster's pods, services and endpointslices" in str(
+            refused.value.details()
+        )
+        index.load(destinations.Kind.PODS, [pod_with_status("web-0", "apps", "10.42.0.7")])
+        synced.set()
+        reply = await lookup(port, trust, caller, "10.42.0.7", 8080)
+        assert reply.meshed and list(reply.identities) == [f"spiffe://{TD}/ns/apps/sa/web"]
+    finally:
+        await grpc_server.stop(0)
+    assert (
+        counters.registry.get_sample_value("policy_lookups_total", {"result": "unavailable"}) == 1
+    )
+
+
+def pod_with_status(name: str, namespace: str, ip: str) -> dict[str, object]:
+    pod = pod_spec(name, namespace)
+    pod["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    return pod

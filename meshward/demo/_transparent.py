@@ -257,6 +257,15 @@ async def start(
         admin = f"{pod.ip}:{interception.ADMIN_PORT}"
         return _workloads.Workload(spec, log, admin, pod.prefix(), routes)
 
+    # What a kubelet reports of a running pod, for every pod before any container starts: no
+    # proxy's destination lookup then finds a peer's address unmeshed while it is starting.
+    for spec in _workloads.SPECS.values():
+        ip = network.pods[spec.name].ip
+        await mesh.core.patch_namespaced_pod_status(
+            spec.pod,
+            spec.namespace,
+            {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}},
+        )
     # Pods start side by side, as a kubelet starts them.
     started = await asyncio.gather(*(run_pod(spec) for spec in _workloads.SPECS.values()))
     running = {workload.spec.name: workload for workload in started}

@@ -6,7 +6,9 @@ verb, resource or group, and nothing a component does not call:
 
 - the identity service creates TokenReviews, and nothing else (its start-up
   SelfSubjectAccessReview is open to every authenticated user);
-- the policy server lists and watches ConfigMaps;
+- the policy server lists and watches the meshward-policy ConfigMaps, and pods, Services
+  and EndpointSlices to answer the proxies' destination lookups (never reads a Secret, never
+  writes outside its own namespace);
 - the operator reads what it compiles and writes the policy documents, trust bundles, status
   conditions and its own webhook configuration; Secrets only in the control-plane namespace.
 """
@@ -87,6 +89,28 @@ def policy() -> Grants:
                 "follows the compiled policy (the meshward-policy ConfigMap) of every "
                 "namespace, selecting it by name (which RBAC authorizes as that name)",
                 names=(compiled.CONFIGMAP_NAME,),
+            ),
+            Rule(
+                "",
+                ("pods",),
+                ("list", "watch"),
+                "answers the proxies' destination lookups: which pod IPs are injected, running "
+                "pods, under which ServiceAccount, and which inbound ports their proxy-init "
+                "leaves alone",
+            ),
+            Rule(
+                "",
+                ("services",),
+                ("list", "watch"),
+                "answers destination lookups for Service cluster IPs: which IPs and ports each "
+                "Service has",
+            ),
+            Rule(
+                "discovery.k8s.io",
+                ("endpointslices",),
+                ("list", "watch"),
+                "answers destination lookups for Service cluster IPs: which ready pods, on "
+                "which target port, are behind each Service port",
             ),
         ),
         namespaced=(

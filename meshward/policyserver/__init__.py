@@ -1,9 +1,11 @@
 """The policy server (issue 5): each proxy follows its namespace's compiled policy over a
 streaming gRPC API, authenticated by its mesh certificate and scoped to its own namespace. It
-also collects what trust state each proxy holds (issue 6) and publishes it for the operator.
+also collects what trust state each proxy holds (issue 6) and publishes it for the operator, and
+tells proxies which destinations are meshed and who must answer there (``Lookup``).
 
     documents   the latest valid document per namespace, handed to watchers newest-only
     configmaps  the meshward-policy ConfigMaps of every namespace: list, watch, re-list
+    destinations  meshed pod and Service addresses from pods, Services, EndpointSlices (Lookup)
     reports     the latest trust-state report of each proxy, checked, expired when stale
     publisher   those reports as meshward-proxies-<namespace> ConfigMaps in its own namespace
     server      the Policy service over mutual TLS, health, admin endpoint, reloads

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -37,7 +37,8 @@ WATCH_TIMEOUT = 300
 CONNECT_TIMEOUT = 10.0
 LIST_TIMEOUT = 60.0
 MAX_EVENT_BYTES = 8 * 1024 * 1024
-"""A 1 MiB ConfigMap, JSON-escaped inside a watch event, with room to spare."""
+"""A 1 MiB ConfigMap (or any object etcd holds), JSON-escaped inside a watch event, with room
+to spare."""
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 
 
@@ -71,9 +72,7 @@ class ConfigMapSource:
             except errors.ClusterUnreachable as exc:
                 failures += 1
                 self._metrics.source_errors.inc()
-                delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (failures - 1)) * (
-                    0.5 + random.random() / 2
-                )
+                delay = backoff(failures)
                 log = logger.warning if failures == 1 else logger.debug
                 log(
                     "can not follow the meshward-policy ConfigMaps (%s); serving the %d "
@@ -96,7 +95,7 @@ class ConfigMapSource:
                 _continue=token,
                 _request_timeout=(CONNECT_TIMEOUT, LIST_TIMEOUT),
             )
-            body = _json(await self._read_all(page), "a list of ConfigMaps")
+            body = parse_json(await self._read_all(page), "a list of ConfigMaps")
             for item in body.get("items") or ():
                 namespace = self._apply("ADDED", item, quiet=True)
                 if namespace:
@@ -123,7 +122,7 @@ class ConfigMapSource:
                 _request_timeout=(CONNECT_TIMEOUT, WATCH_TIMEOUT + 60),
             )
             try:
-                async for event in _events(response, self._host):
+                async for event in events(response, self._host):
                     kind = event.get("type")
                     obj = event.get("object") or {}
                     if kind == "ERROR":
@@ -179,46 +178,76 @@ class ConfigMapSource:
         return namespace
 
     async def _request(self, what: str, **kwargs: Any) -> aiohttp.ClientResponse:
-        try:
-            response: aiohttp.ClientResponse = await self._core.list_config_map_for_all_namespaces(
-                _preload_content=False, **kwargs
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise errors.ClusterUnreachable(
-                f"the API server at {self._host} did not answer the {what}: "
-                f"{type(exc).__name__} {exc}"
-            ) from exc
-        if not 200 <= response.status <= 299:
-            try:
-                text = await response.text()
-            except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
-                text = ""
-            finally:
-                response.release()
-            message = _status_message(text) or str(response.reason)
-            hint = (
-                ": grant list and watch on configmaps cluster-wide"
-                if response.status == 403
-                else ""
-            )
-            raise errors.ClusterUnreachable(
-                f"the {what} of ConfigMaps failed at {self._host}: HTTP {response.status} "
-                f"{message}{hint}"
-            )
-        return response
+        return await request(
+            self._core.list_config_map_for_all_namespaces,
+            self._host,
+            what,
+            "ConfigMaps",
+            "configmaps",
+            **kwargs,
+        )
 
     async def _read_all(self, response: aiohttp.ClientResponse) -> bytes:
+        return await read_all(response, self._host)
+
+
+# -- shared with the other list-and-watch sources (meshward.policyserver.destinations) -------
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failure in a row: capped, exponential, and
+    jittered so that replicas do not retry in step."""
+    return min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** (failures - 1)) * (0.5 + random.random() / 2)
+
+
+async def request(
+    call: Callable[..., Awaitable[Any]],
+    host: str,
+    what: str,
+    kind: str,
+    resource: str,
+    **kwargs: Any,
+) -> aiohttp.ClientResponse:
+    """The raw response of ``call``, a kubernetes_asyncio list method (a watch with
+    ``watch=True``) of ``kind`` objects (``resource`` as RBAC names it), to read as JSON.
+
+    Raises ClusterUnreachable, naming the missing grant on HTTP 403, for any failure."""
+    try:
+        response: aiohttp.ClientResponse = await call(_preload_content=False, **kwargs)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise errors.ClusterUnreachable(
+            f"the API server at {host} did not answer the {what}: {type(exc).__name__} {exc}"
+        ) from exc
+    if not 200 <= response.status <= 299:
         try:
-            return await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise errors.ClusterUnreachable(
-                f"the API server at {self._host} broke off a list: {type(exc).__name__} {exc}"
-            ) from exc
+            text = await response.text()
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
+            text = ""
         finally:
             response.release()
+        message = status_message(text) or str(response.reason)
+        hint = (
+            f": grant list and watch on {resource} cluster-wide" if response.status == 403 else ""
+        )
+        raise errors.ClusterUnreachable(
+            f"the {what} of {kind} failed at {host}: HTTP {response.status} {message}{hint}"
+        )
+    return response
 
 
-async def _events(response: aiohttp.ClientResponse, host: str) -> AsyncIterator[dict[str, Any]]:
+async def read_all(response: aiohttp.ClientResponse, host: str) -> bytes:
+    """A whole list response, released afterwards."""
+    try:
+        return await response.read()
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise errors.ClusterUnreachable(
+            f"the API server at {host} broke off a list: {type(exc).__name__} {exc}"
+        ) from exc
+    finally:
+        response.release()
+
+
+async def events(response: aiohttp.ClientResponse, host: str) -> AsyncIterator[dict[str, Any]]:
     """The watch's newline-delimited JSON events, of any size up to MAX_EVENT_BYTES."""
     buffer = bytearray()
     try:
@@ -230,11 +259,11 @@ async def _events(response: aiohttp.ClientResponse, host: str) -> AsyncIterator[
                 del buffer[: end + 1]
                 scanned = 0
                 if line.strip():
-                    yield _json(line, "a watch event")
+                    yield parse_json(line, "a watch event")
             if len(buffer) > MAX_EVENT_BYTES:
                 raise errors.ClusterUnreachable(
-                    f"a watch event from {host} is over {MAX_EVENT_BYTES} bytes; a ConfigMap "
-                    "holds at most 1 MiB"
+                    f"a watch event from {host} is over {MAX_EVENT_BYTES} bytes; no Kubernetes "
+                    "object is that large (etcd stores at most 1.5 MiB)"
                 )
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise errors.ClusterUnreachable(
@@ -242,7 +271,8 @@ async def _events(response: aiohttp.ClientResponse, host: str) -> AsyncIterator[
         ) from exc
 
 
-def _json(data: bytes, what: str) -> dict[str, Any]:
+def parse_json(data: bytes, what: str) -> dict[str, Any]:
+    """``data`` as the JSON object the API server must have sent; ClusterUnreachable if not."""
     try:
         value = json.loads(data)
     except ValueError as exc:
@@ -252,7 +282,8 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _status_message(text: str) -> str:
+def status_message(text: str) -> str:
+    """The message of a Kubernetes Status in ``text``; empty when there is none."""
     try:
         status = json.loads(text)
     except ValueError:

@@ -52,3 +52,22 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.lookups = prometheus_client.Counter(
+            "policy_lookups",
+            "Lookup calls, by result: meshed, plain, or the gRPC status code name of the refusal",
+            ["result"],
+            registry=self.registry,
+        )
+        self.destinations = prometheus_client.Gauge(
+            "policy_destinations",
+            "Objects held to answer lookups, by kind: meshed pods, Services with cluster IPs, "
+            "EndpointSlices of Services",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.destination_source_errors = prometheus_client.Counter(
+            "policy_destination_source_errors",
+            "Failed lists and watches of the pods, services and endpointslices, by kind",
+            ["kind"],
+            registry=self.registry,
+        )

@@ -5,12 +5,15 @@ certificate chained to the trust anchors, and each Watch reads the namespace fro
 certificate's SPIFFE ID (``spiffe://<td>/ns/<ns>/sa/<sa>``). A stream lives no longer than the
 certificate that opened it; the proxy reconnects with its renewed one. Reports of the proxies'
 trust state are taken the same way, each for the caller's own namespace only, and published
-as ConfigMaps in the server's own namespace (:mod:`meshward.policyserver.publisher`).
+as ConfigMaps in the server's own namespace (:mod:`meshward.policyserver.publisher`). Any mesh
+workload of the trust domain may look up whether a destination is meshed and which identity
+must answer there (:mod:`meshward.policyserver.destinations`), once the server has listed the
+cluster's pods, Services and EndpointSlices.
 
 The serving certificate is issued from the mesh issuer like the identity service's (see
 :mod:`meshward.identity.serving`), and the anchors it requires of clients follow the trust
-material on disk. Everything runs on one asyncio loop: gRPC, the ConfigMap watch, the admin
-HTTP server, the reload poll.
+material on disk. Everything runs on one asyncio loop: gRPC, the watches, the admin HTTP
+server, the reload poll.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from kubernetes_asyncio import client, config
 from meshward import errors, kube, proxyreports
 from meshward.identity import authority, pki, serving
 from meshward.policy import compiled
-from meshward.policyserver import configmaps, documents, metrics, publisher, reports
+from meshward.policyserver import configmaps, destinations, documents, metrics, publisher, reports
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -44,14 +47,26 @@ SERVICE = "meshward.policy.v1.Policy"
 NAMESPACE, SERVICE_ACCOUNT = "meshward", "meshward-policy"
 """Where the server runs, and as whom: its mesh identity name is its default server name."""
 RELOAD_INTERVAL = 1.0
+WATCHED = (
+    ("", "configmaps", compiled.CONFIGMAP_NAME),
+    ("", "pods", None),
+    ("", "services", None),
+    ("discovery.k8s.io", "endpointslices", None),
+)
+"""(group, resource, name) the server lists and watches cluster-wide: the compiled policy, and
+what destination lookups are answered from."""
 NEEDED = tuple(
-    serving.Access(group="", resource="configmaps", verb=verb, name=compiled.CONFIGMAP_NAME)
+    serving.Access(group=group, resource=resource, verb=verb, name=name)
+    for group, resource, name in WATCHED
     for verb in ("list", "watch")
 )
 RBAC_HINT = (
-    "bind its ServiceAccount to a ClusterRole with the rule "
+    "bind its ServiceAccount to a ClusterRole with the rules "
     '{apiGroups: [""], resources: [configmaps], verbs: [list, watch], '
-    f"resourceNames: [{compiled.CONFIGMAP_NAME}]}}"
+    f"resourceNames: [{compiled.CONFIGMAP_NAME}]}}, "
+    '{apiGroups: [""], resources: [pods, services], verbs: [list, watch]} and '
+    "{apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]} "
+    "(meshward install renders them)"
 )
 REPORT_VERBS = ("get", "create", "update", "delete")
 """What publishing the proxies' reports needs on configmaps in the server's own namespace."""
@@ -159,6 +174,17 @@ def authorize_report(caller: Caller, namespace: str, now: datetime.datetime) -> 
         )
 
 
+def authorize_lookup(caller: Caller, now: datetime.datetime) -> None:
+    """UntrustedChain if ``caller``'s certificate expired since the connection was made. Any
+    workload of the trust domain (which :func:`authenticate` checked) may look up any address:
+    an answer reveals no more than the certificate the address presents to whoever connects."""
+    if caller.expires <= now:
+        raise errors.UntrustedChain(
+            f"the client certificate expired at {caller.expires.isoformat()}: look up with the "
+            "renewed one"
+        )
+
+
 def own_identity(trust_domain: str) -> pki.Identity:
     return pki.Identity(NAMESPACE, SERVICE_ACCOUNT, trust_domain)
 
@@ -166,7 +192,7 @@ def own_identity(trust_domain: str) -> pki.Identity:
 def status_for(exc: errors.MeshwardError) -> grpc.StatusCode:
     if isinstance(exc, errors.PolicyAccessDenied | errors.ReportAccessDenied):
         return grpc.StatusCode.PERMISSION_DENIED
-    if isinstance(exc, errors.InvalidProxyReport):
+    if isinstance(exc, errors.InvalidProxyReport | errors.InvalidLookup):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, errors.TooManyProxies):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -182,12 +208,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         counters: metrics.Metrics,
         trust_domain: str,
         held: reports.Reports,
+        lookups: destinations.Index,
+        lookups_synced: asyncio.Event,
     ) -> None:
         self._store = store
         self._metrics = counters
         self._trust_domain = trust_domain
         self._reports = held
-        self._refusals_logged: set[tuple[str, str]] = set()
+        self._destinations = lookups
+        self._destinations_synced = lookups_synced
+        self._refusals_logged: set[tuple[str, str, str]] = set()
 
     async def Watch(
         self, request: policy_pb2.WatchRequest, context: grpc.aio.ServicerContext
@@ -238,23 +268,59 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             code = status_for(exc)
             self._metrics.reports_received.labels(result=code.name.lower()).inc()
             who = caller.identity.spiffe_id if caller else "a client without a mesh identity"
-            self._log_refusal(who, code, exc)
+            self._log_refusal("report", who, code, exc)
             await context.abort(code, str(exc))
             raise  # abort raises; this line is never reached
         self._metrics.reports_received.labels(result="ok").inc()
         return policy_pb2.ReportAck()
 
-    def _log_refusal(self, who: str, code: grpc.StatusCode, exc: Exception) -> None:
-        """The first refusal of each caller and reason at info level, the rest at debug: a
-        misconfigured proxy reports every 30 s."""
-        seen = (who, code.name)
+    async def Lookup(
+        self, request: policy_pb2.LookupRequest, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.LookupReply:
+        caller: Caller | None = None
+        try:
+            caller = authenticate(context.auth_context(), self._trust_domain)
+            authorize_lookup(caller, datetime.datetime.now(datetime.UTC))
+            address, port = destinations.parse(request.address, request.port)
+        except (errors.IdentityError, errors.PolicyError) as exc:
+            code = status_for(exc)
+            self._metrics.lookups.labels(result=code.name.lower()).inc()
+            who = caller.identity.spiffe_id if caller else "a client without a mesh identity"
+            self._log_refusal("lookup", who, code, exc)
+            await context.abort(code, str(exc))
+            raise  # abort raises; this line is never reached
+        if not self._destinations_synced.is_set():
+            self._metrics.lookups.labels(result="unavailable").inc()
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the policy server has not yet listed the cluster's pods, services and "
+                "endpointslices, so it can not tell whether a destination is meshed: retry "
+                "shortly, and meanwhile do not guess",
+            )
+        answer = self._destinations.lookup(address, port)
+        self._metrics.lookups.labels(result="meshed" if answer.meshed else "plain").inc()
+        logger.debug(
+            "lookup by %s: %s port %d is %s",
+            caller.identity.spiffe_id,
+            address,
+            port,
+            f"meshed ({', '.join(answer.identities)})" if answer.meshed else "plaintext",
+        )
+        return policy_pb2.LookupReply(
+            meshed=answer.meshed, identities=answer.identities, ttl_ms=destinations.TTL_MS
+        )
+
+    def _log_refusal(self, what: str, who: str, code: grpc.StatusCode, exc: Exception) -> None:
+        """The first refusal of each call, caller and reason at info level, the rest at debug:
+        a misconfigured proxy reports every 30 s and looks up at every connection."""
+        seen = (what, who, code.name)
         first = seen not in self._refusals_logged
         if first:
             if len(self._refusals_logged) >= 10_000:
                 self._refusals_logged.clear()
             self._refusals_logged.add(seen)
         (logger.info if first else logger.debug)(
-            "report from %s refused: %s: %s", who, code.name, exc
+            "%s from %s refused: %s: %s", what, who, code.name, exc
         )
 
 
@@ -268,8 +334,11 @@ class Running:
     store: documents.Documents
     reports: reports.Reports
     """The proxies' latest reports, as published."""
+    destinations: destinations.Index
+    """What destination lookups are answered from."""
     synced: asyncio.Event
-    """Set once every namespace's ConfigMap has been read (then the server reports ready)."""
+    """Set once every namespace's ConfigMap and the cluster's pods, Services and
+    EndpointSlices have been read (then the server reports ready)."""
     _cleanup: contextlib.AsyncExitStack
 
     async def stop(self) -> None:
@@ -303,11 +372,12 @@ async def _reload(
 
 
 async def _become_ready(
-    source: configmaps.ConfigMapSource,
+    synced: Sequence[asyncio.Event],
     health_servicer: health.aio.HealthServicer,
     ready: asyncio.Event,
 ) -> None:
-    await source.synced.wait()
+    for event in synced:
+        await event.wait()
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     ready.set()
@@ -315,7 +385,8 @@ async def _become_ready(
 
 async def start(settings: Settings) -> Running:
     """Check settings, trust material and RBAC, then serve; raises before serving if any is
-    wrong. The server is ready once the ConfigMaps have been read (``Running.synced``)."""
+    wrong. The server is ready once the ConfigMaps, pods, Services and EndpointSlices have been
+    read (``Running.synced``)."""
     own = own_identity(settings.trust_domain)  # also checks the trust domain
     instance = _instance(settings)
     source = authority.FileSource(settings.issuer_dir, settings.anchors_file)
@@ -334,20 +405,22 @@ async def start(settings: Settings) -> Running:
         stack.push_async_callback(api.close)
         missing = await serving.missing_access(api, NEEDED)
         if missing:
-            verbs = " or ".join(access.verb for access in missing)
             raise errors.ConfigError(
-                f"the policy server may not {verbs} configmaps cluster-wide: {RBAC_HINT}"
+                f"the policy server may not {_denied(missing)} cluster-wide: {RBAC_HINT}"
             )
         await _check_report_access(api, settings.namespace)
         store = documents.Documents()
         counters = metrics.Metrics()
         watch = configmaps.ConfigMapSource(api, store, counters)
         held = reports.Reports(counters, expiry=settings.report_expiry)
+        index = destinations.Index(settings.trust_domain)
+        lookups = destinations.Source(api, index, counters)
         publishing = publisher.Publisher(api, held, counters, settings.namespace, instance)
 
         server = grpc.aio.server(options=OPTIONS)
         policy_pb2_grpc.add_PolicyServicer_to_server(  # type: ignore[no-untyped-call]
-            PolicyServicer(store, counters, settings.trust_domain, held), server
+            PolicyServicer(store, counters, settings.trust_domain, held, index, lookups.synced),
+            server,
         )
         stack.push_async_callback(server.stop, 1.0)
         health_servicer = health.aio.HealthServicer()
@@ -370,8 +443,9 @@ async def start(settings: Settings) -> Running:
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(watch.run()),
+            loop.create_task(lookups.run()),
             loop.create_task(_reload(source, material, certificate)),
-            loop.create_task(_become_ready(watch, health_servicer, ready)),
+            loop.create_task(_become_ready((watch.synced, lookups.synced), health_servicer, ready)),
             loop.create_task(publishing.run()),
         ]
 
@@ -400,9 +474,19 @@ async def start(settings: Settings) -> Running:
         server=server,
         store=store,
         reports=held,
-        synced=watch.synced,
+        destinations=index,
+        synced=ready,
         _cleanup=stack,
     )
+
+
+def _denied(missing: Sequence[serving.Access]) -> str:
+    """``missing`` in words: "list or watch configmaps, watch pods"."""
+    verbs: dict[str, list[str]] = {}
+    for access in missing:
+        resource = f"{access.resource}.{access.group}" if access.group else access.resource
+        verbs.setdefault(resource, []).append(access.verb)
+    return ", ".join(f"{' or '.join(said)} {resource}" for resource, said in verbs.items())
 
 
 def _instance(settings: Settings) -> str:

@@ -21,6 +21,11 @@ Names follow Linkerd's proxy where it has one, so existing dashboards and alerts
     identity_trust_bundle_reloads_total  by result: ok (a new bundle took effect) or invalid (a
                                        changed bundle file was refused, the old bundle kept)
     policy_updates_total
+    outbound_discovery_total           transparent mode, by result: how outbound connections
+                                       into the mesh networks went on the policy service's
+                                       word (no Linkerd equivalent): meshed (mTLS, the peer's
+                                       identity pinned), plain (not meshed: plaintext) or
+                                       fallback (no answer: mTLS to any mesh identity)
 
 Which counter a decision lands in follows what was decided, so that both outcomes on a port
 always count under the same protocol:
@@ -75,6 +80,7 @@ _AUTHZ_LABELS = (
 
 Direction = Literal["inbound", "outbound"]
 ReloadResult = Literal["ok", "invalid"]
+DiscoveryResult = Literal["meshed", "plain", "fallback"]
 
 
 class Metrics:
@@ -150,6 +156,15 @@ class Metrics:
         )
         for result in get_args(ReloadResult):
             self._bundle_reloads.labels(result)  # both series exist from the start, at 0
+        self._discovery = prometheus_client.Counter(
+            "outbound_discovery",
+            "Outbound connections into the mesh networks, by what destination discovery "
+            "decided: meshed, plain, or fallback (no answer: mTLS to any mesh identity)",
+            ["result"],
+            registry=r,
+        )
+        for found in get_args(DiscoveryResult):
+            self._discovery.labels(found)
 
     def trust_bundle(self, fingerprint: str) -> None:
         """The bundle in force is now the one with ``fingerprint`` (the only series, at 1)."""
@@ -158,6 +173,10 @@ class Metrics:
 
     def bundle_reloaded(self, result: ReloadResult) -> None:
         self._bundle_reloads.labels(result).inc()
+
+    def discovered(self, result: DiscoveryResult) -> None:
+        """Count one outbound connection decided by destination discovery."""
+        self._discovery.labels(result).inc()
 
     def certificate_expiry(self, seconds: Callable[[], float]) -> None:
         """Read the certificate's expiry at each scrape (a Unix time; 0 while none is held)."""

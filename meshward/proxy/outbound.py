@@ -2,11 +2,13 @@
 the peer's proxy, and refuses a peer that is not the identity it expects.
 
 The peer's certificate must chain to the trust anchors (the client context checks that in the
-handshake); when the route names an expected identity, the peer's SPIFFE ID must be exactly that
-one, or the connection is closed before a byte of the application's is sent.
+handshake) and name a SPIFFE ID; when the route names the identities expected there, the peer's
+must be one of them, or the connection is closed before a byte of the application's is sent.
 
-Where a connection goes is given by a :class:`Route`: in local mode one per listening port; in
-transparent mode (later) from the connection's original destination.
+Where a connection goes is given by a :class:`Route`: in local mode one per listening port (with
+the one identity configured for it, if any); in transparent mode from the connection's original
+destination, with the identities destination discovery (:mod:`meshward.proxy.discovery`) says
+must answer there.
 """
 
 from __future__ import annotations
@@ -31,8 +33,29 @@ class Route:
     host: str
     port: int
     """The peer proxy's inbound address."""
-    identity: str | None
-    """The SPIFFE ID the peer must prove, when known."""
+    identities: frozenset[str] | None
+    """The SPIFFE IDs of which the peer must prove one; None: any mesh identity will do. An
+    empty set admits no peer."""
+
+    def __post_init__(self) -> None:
+        # A str would pass a membership test by substring: insist on the set.
+        if self.identities is not None and not isinstance(self.identities, frozenset):
+            raise TypeError(
+                f"Route.identities must be a frozenset of SPIFFE IDs or None, not "
+                f"{type(self.identities).__name__}"
+            )
+
+    def admits(self, identity: str) -> bool:
+        """Whether a peer proving ``identity`` may carry this route's connection."""
+        return self.identities is None or identity in self.identities
+
+    def expected(self) -> str:
+        """Who the route expects, for logs."""
+        if self.identities is None:
+            return "any mesh identity"
+        if not self.identities:
+            return "no identity at all"
+        return "one of " + ", ".join(sorted(self.identities))
 
 
 @dataclasses.dataclass
@@ -95,14 +118,14 @@ class Outbound:
             seen = None
         # A peer must prove a mesh identity: one that chains to the anchors but names none (the
         # identity service's own certificate, say) is not a mesh workload.
-        if seen is None or (route.identity is not None and seen != route.identity):
+        if seen is None or not route.admits(seen):
             self.counters.refused_identity += 1
             logger.warning(
                 "refused peer %s:%d: it is %s, expected %s",
                 route.host,
                 route.port,
-                seen,
-                route.identity,
+                seen or "no mesh identity",
+                route.expected(),
             )
             peer_writer.transport.abort()
             return

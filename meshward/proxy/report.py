@@ -9,10 +9,11 @@ within :data:`CHECK_EVERY` seconds of the bundle or the leaf changing, and every
 seconds (30 by default) as a heartbeat, since the server forgets a proxy it has not heard from
 for three of them.
 
-Reports go over a channel of their own with the TLS set-up of the policy stream: the workload
-certificate as client certificate, the server verified against the trust bundle in force and
-the policy service's name. The channel is replaced when either changes, so a report never runs
-ahead of the TLS state it describes (it is built from the same certificate and bundle).
+Reports go over a channel of their own (:class:`meshward.proxy.policy_stream.Channel`) with
+the TLS set-up of the policy stream: the workload certificate as client certificate, the server
+verified against the trust bundle in force and the policy service's name. The channel is
+replaced when either changes, so a report never runs ahead of the TLS state it describes (it is
+built from the same certificate and bundle).
 
 Reporting never affects serving: a failed report is logged (a warning when the failure is new,
 debug while it repeats, info once it works again) and retried at the next heartbeat.
@@ -30,7 +31,7 @@ import grpc
 
 from meshward import trustbundle
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
-from meshward.proxy import identity
+from meshward.proxy import identity, policy_stream
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,6 @@ def state_of(certified: identity.Certified, bundle: trustbundle.Bundle) -> State
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _ChannelKey:
-    roots: bytes
-    chain: bytes
-
-
 class Reporter:
     def __init__(
         self,
@@ -101,8 +96,7 @@ class Reporter:
         self._key = key
         self._certified = certified
         self._bundle = bundle
-        self._channel: grpc.aio.Channel | None = None
-        self._channel_key: _ChannelKey | None = None
+        self._channel = policy_stream.Channel(address, server_name)
         self._attempted: State | None = None
         self._failing: str | None = None
         """The status code name of the failure in progress, if any."""
@@ -139,7 +133,7 @@ class Reporter:
             proxy_version=self.version,
         )
         try:
-            stub = await self._stub(certified, bundle)
+            stub = self._stub(certified, bundle)
             await stub.Report(request, timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             self._failed(exc.code().name, str(exc.details()))
@@ -167,30 +161,17 @@ class Reporter:
         )
         self._failing = code
 
-    async def _stub(
+    def _stub(
         self, certified: identity.Certified, bundle: trustbundle.Bundle
     ) -> policy_pb2_grpc.PolicyStub:
         """A stub on a channel with the certificate and bundle in force (a new channel when
         either changed since the last report)."""
-        wanted = _ChannelKey(roots=bundle.pem, chain=certified.chain_pem())
-        if self._channel is not None and self._channel_key != wanted:
-            await self.close()
-        if self._channel is None:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=wanted.roots,
-                private_key=self._key,
-                certificate_chain=wanted.chain,
-            )
-            self._channel = grpc.aio.secure_channel(
-                self.address,
-                credentials,
-                options=[("grpc.ssl_target_name_override", self.server_name)],
-            )
-            self._channel_key = wanted
-        return policy_pb2_grpc.PolicyStub(self._channel)  # type: ignore[no-untyped-call]
+        tls = policy_stream.ChannelTls(
+            anchors=bundle.pem, key=self._key, chain=certified.chain_pem()
+        )
+        channel = self._channel.get(tls)
+        return policy_pb2_grpc.PolicyStub(channel)  # type: ignore[no-untyped-call]
 
     async def close(self) -> None:
         """Close the channel (the next report opens another)."""
-        if self._channel is not None:
-            channel, self._channel, self._channel_key = self._channel, None, None
-            await channel.close()
+        await self._channel.close()

@@ -18,6 +18,9 @@ Wiring, in start order:
 3. Local mode listeners: one inbound listener per ``LISTEN_PORT=APP_PORT`` entry, one outbound
    listener per ``LISTEN_PORT=[IDENTITY@]HOST:PORT`` entry; with no such entries, transparent
    mode (:mod:`~meshward.proxy.transparent`) on the inbound and outbound listener addresses.
+   In transparent mode with the policy service, :mod:`~meshward.proxy.discovery` asks it how
+   each outbound connection into the mesh networks goes (meshed, and to whom, or plaintext),
+   over a channel authenticated like the policy stream's.
 4. The admin server: ready once a certificate is held.
 
 Nothing waits for the certificate before listening: until one arrives, inbound TLS and outbound
@@ -45,6 +48,7 @@ from meshward.identity import pki
 from meshward.policy import decision
 from meshward.proxy import (
     admin,
+    discovery,
     identity,
     inbound,
     listener,
@@ -139,6 +143,8 @@ class Running:
     source: PolicySource
     inbound: inbound.Inbound
     outbound: outbound.Outbound
+    discovery: discovery.Discovery | None
+    """Transparent mode with the policy service: how outbound destinations are looked up."""
     inbound_ports: list[int]
     outbound_ports: list[int]
     admin_port: int
@@ -163,19 +169,13 @@ class Running:
 def _policy_source(
     config: settings.ProxySettings,
     on_update: Callable[[decision.Policy], None],
-    contexts: Contexts,
-    key: bytes,
+    credentials: policy_stream.Credentials,
 ) -> PolicySource:
     """The file source for local runs, else the policy service, authenticated with the
     workload certificate (the stream waits until there is one)."""
     if config.policy_file is not None:
         return policy_source.FileSource(config.policy_file, on_update=on_update)
     assert config.policy_svc_addr is not None and config.policy_svc_name is not None
-
-    def credentials() -> tuple[bytes, bytes] | None:
-        held = contexts.certified
-        return (key, held.chain_pem()) if held is not None else None
-
     return policy_stream.StreamSource(
         str(config.policy_svc_addr),
         config.policy_svc_name,
@@ -223,7 +223,11 @@ async def start(config: settings.ProxySettings) -> Running:
             if closed:
                 logger.info("policy update closed %d connection(s) it no longer allows", closed)
 
-    source = _policy_source(config, policy_updated, contexts, key_pem)
+    def credentials() -> tuple[bytes, bytes] | None:
+        held = contexts.certified
+        return (key_pem, held.chain_pem()) if held is not None else None
+
+    source = _policy_source(config, policy_updated, credentials)
 
     def retrusted(fresh: trustbundle.Bundle) -> None:
         contexts.retrust(fresh.pem)
@@ -271,6 +275,16 @@ async def start(config: settings.ProxySettings) -> Running:
         if isinstance(source, policy_stream.StreamSource) and config.pod_name is not None
         else None
     )
+    lookups = (
+        discovery.Discovery(
+            source.address,
+            source.server_name,
+            credentials,
+            anchors=lambda: roots.current.pem,
+        )
+        if config.transparent and isinstance(source, policy_stream.StreamSource)
+        else None
+    )
     answers = admin.Admin(
         metrics=proxy_metrics, certified=lambda: contexts.certified, trust=lambda: roots.current
     )
@@ -286,6 +300,7 @@ async def start(config: settings.ProxySettings) -> Running:
         source=source,
         inbound=inbound_side,
         outbound=outbound_side,
+        discovery=lookups,
         inbound_ports=[],
         outbound_ports=[],
         admin_port=0,
@@ -296,6 +311,8 @@ async def start(config: settings.ProxySettings) -> Running:
         tasks.append(loop.create_task(workload.run(), name="identity"))
         tasks.append(loop.create_task(source.run(), name="policy"))
         tasks.append(loop.create_task(roots.run(), name="trust-roots"))
+        if lookups is not None:
+            closers.append(lookups.close)
         if reporter is not None:
             closers.append(reporter.close)
             tasks.append(loop.create_task(reporter.run(), name="report"))
@@ -312,7 +329,7 @@ async def start(config: settings.ProxySettings) -> Running:
             route = outbound.Route(
                 out.peer.host,
                 out.peer.port,
-                pki.Identity.parse(out.identity, config.trust_domain).spiffe_id
+                frozenset({pki.Identity.parse(out.identity, config.trust_domain).spiffe_id})
                 if out.identity
                 else None,
             )
@@ -328,6 +345,7 @@ async def start(config: settings.ProxySettings) -> Running:
                 outbound_side=outbound_side,
                 mesh_networks=config.mesh_networks,
                 proxy_ports=(config.admin.port,),
+                discovery=lookups,
             )
             redirected_in = await _bind(
                 f"inbound {config.inbound}",

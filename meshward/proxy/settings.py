@@ -19,7 +19,9 @@
     MESHWARD_PROXY_POLICY_FILE             the compiled policy document (the mounted
                                            meshward-policy ConfigMap's file), or instead:
     MESHWARD_PROXY_POLICY_SVC_ADDR         the policy service's host:port, and
-    MESHWARD_PROXY_POLICY_SVC_NAME         the DNS name its certificate carries
+    MESHWARD_PROXY_POLICY_SVC_NAME         the DNS name its certificate carries (in
+                                           transparent mode it also answers destination
+                                           lookups: see below)
     MESHWARD_PROXY_REPORT_INTERVAL         with the policy service: seconds between the
                                            heartbeats reporting the proxy's trust state to it
                                            (default 30; the server forgets a proxy after 90 s,
@@ -43,7 +45,13 @@ listener's host at LISTEN_PORT and speaks mTLS to HOST:PORT, which must prove ID
 form, <sa>.<ns>.serviceaccount.identity.meshward.<td>) when one is given.
 Transparent mode (no LOCAL_* entries: ``meshward proxy-init`` redirects the pod's TCP) takes
 every redirected connection on the inbound and outbound listeners, reads its original
-destination, and speaks mTLS to destinations in the mesh networks, plaintext to the others.
+destination, and passes destinations outside the mesh networks through in plaintext. For one
+inside them, a proxy that follows the policy service asks it (destination discovery,
+:mod:`meshward.proxy.discovery`) whether the address and port are meshed: if so the connection
+goes over mTLS and the peer must prove one of the identities named, if not it goes in
+plaintext; when no answer comes within a second (the service unreachable or not yet synced),
+it goes over mTLS to any mesh identity, never in plaintext on a guess. With a policy file
+there is no discovery: every destination in the mesh networks gets mTLS to any mesh identity.
 
 A variable set to an empty (or blank) value counts as unset.
 :func:`from_env` checks every variable and raises one :class:`~meshward.errors.ConfigError`

@@ -8,12 +8,15 @@ the proxy's inbound or outbound port, and this module reads where each was going
   to the application on ``127.0.0.1:port`` (:meth:`Inbound.handle
   <meshward.proxy.inbound.Inbound.handle>`). One that was not redirected, or was addressed to a
   port of the proxy's own, is refused: there is no application behind it.
-- outbound: a connection to ``ip:port`` inside the mesh networks (the cluster's pod and service
-  ranges) is carried over mTLS to that same ``ip:port`` (:meth:`Outbound.handle
-  <meshward.proxy.outbound.Outbound.handle>`); there the peer's own rules redirect it to the
-  peer's inbound proxy, which reads its own original destination. Any other destination is
-  passed through in plaintext, unread, as if there were no proxy. The peer's identity is not
-  known in advance (no discovery yet): any identity the trust anchors vouch for is accepted.
+- outbound: a connection to ``ip:port`` outside the mesh networks (the cluster's pod and
+  service ranges) is passed through in plaintext, unread, as if there were no proxy. Inside
+  them, destination discovery (:mod:`meshward.proxy.discovery`, when the proxy follows the
+  policy service) says how it goes: over mTLS to that same ``ip:port`` (:meth:`Outbound.handle
+  <meshward.proxy.outbound.Outbound.handle>`), where the peer's own rules redirect it to the
+  peer's inbound proxy, which must prove one of the identities discovery named; or in
+  plaintext, when nothing meshed answers there. Without an answer, and without discovery (a
+  policy file), it goes over mTLS and any identity the trust anchors vouch for is accepted:
+  nothing is sent in clear on a guess. :func:`plan` makes that choice.
 
 Both loops tolerate a failing accept (out of descriptors, say) by backing off, and both are
 bounded: inbound by the inbound side's own limit, outbound by ``max_outbound`` here.
@@ -31,7 +34,9 @@ import ssl
 from collections.abc import Callable, Coroutine, Iterable
 
 from meshward import errors
+from meshward.proxy import discovery as proxy_discovery
 from meshward.proxy import forward, inbound, listener, original_dst, outbound
+from meshward.proxy import metrics as proxy_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,36 @@ def parse_mesh_networks(text: str, what: str = "the mesh networks") -> tuple[Net
     return tuple(found)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to do with one outbound connection."""
+
+    route: outbound.Route | None
+    """Carry it over mTLS along this route; None: pass it through in plaintext."""
+    discovered: proxy_metrics.DiscoveryResult | None
+    """How destination discovery decided it; None when it was not asked."""
+
+
+def plan(
+    dest: original_dst.Destination,
+    in_mesh_networks: bool,
+    answer: proxy_discovery.Answer | None,
+) -> Plan:
+    """The choice for a connection to ``dest``, given whether it lies in the mesh networks
+    and what discovery answered (None: it was not asked, as without the policy service)."""
+    if not in_mesh_networks:
+        return Plan(route=None, discovered=None)
+    if answer is None:
+        return Plan(route=outbound.Route(dest.host, dest.port, None), discovered=None)
+    if isinstance(answer, proxy_discovery.Meshed):
+        return Plan(
+            route=outbound.Route(dest.host, dest.port, answer.identities), discovered="meshed"
+        )
+    if isinstance(answer, proxy_discovery.Plain):
+        return Plan(route=None, discovered="plain")
+    return Plan(route=outbound.Route(dest.host, dest.port, None), discovered="fallback")
+
+
 @dataclasses.dataclass
 class Counters:
     """What the accept loops did with connections, for tests and logs."""
@@ -72,9 +107,15 @@ class Counters:
     inbound_refused: int = 0
     """Not redirected, or addressed to one of the proxy's own ports."""
     meshed: int = 0
-    """Outbound, carried over mTLS."""
+    """Outbound, carried over mTLS (fallbacks included)."""
     passed_through: int = 0
     """Outbound to a destination outside the mesh networks, passed through in plaintext."""
+    discovered_plain: int = 0
+    """Outbound into the mesh networks, passed through in plaintext: discovery said nothing
+    meshed answers there."""
+    discovery_fallback: int = 0
+    """Outbound into the mesh networks that discovery could not answer for: carried over mTLS
+    to any mesh identity (counted in ``meshed`` too)."""
     outbound_refused: int = 0
     """Outbound but not redirected."""
     outbound_failed: int = 0
@@ -86,9 +127,10 @@ class Transparent:
     """The inbound and outbound accept loops of one proxy in transparent mode.
 
     ``mesh_networks`` (default :data:`DEFAULT_MESH_NETWORKS`) are where outbound connections
-    go over mTLS. ``proxy_ports`` are the proxy's own ports (the admin port, say): a redirected
-    connection addressed to one of them is refused; the ports the loops listen on are added as
-    they bind.
+    may go over mTLS; ``discovery``, when given, says for each destination there whether they
+    do and who must answer (without it, every one does, to any mesh identity). ``proxy_ports``
+    are the proxy's own ports (the admin port, say): a redirected connection addressed to one of
+    them is refused; the ports the loops listen on are added as they bind.
     """
 
     def __init__(
@@ -99,9 +141,11 @@ class Transparent:
         mesh_networks: Iterable[Network] | None = None,
         proxy_ports: Iterable[int] = (),
         max_outbound: int = 10_000,
+        discovery: proxy_discovery.Discovery | None = None,
     ) -> None:
         self._inbound = inbound_side
         self._outbound = outbound_side
+        self._discovery = discovery
         self._mesh = tuple(mesh_networks) if mesh_networks is not None else parse_mesh_networks("")
         self._proxy_ports = set(proxy_ports)
         self._max_outbound = max_outbound
@@ -182,14 +226,11 @@ class Transparent:
             return
         self._outbound_open += 1
         try:
+            chosen = await self.choose(dest)
             reader, writer = await _streams(sock)
-            if self.meshed(dest.host):
-                self.counters.meshed += 1
-                await self._outbound.handle(
-                    reader, writer, outbound.Route(dest.host, dest.port, None)
-                )
+            if chosen.route is not None:
+                await self._outbound.handle(reader, writer, chosen.route)
             else:
-                self.counters.passed_through += 1
                 await self._pass_through(reader, writer, dest)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             logger.debug("outbound connection to %s ended: %s", dest, exc)
@@ -200,13 +241,34 @@ class Transparent:
             with contextlib.suppress(OSError):
                 sock.close()  # a no-op once a transport owns and closed it
 
+    async def choose(self, dest: original_dst.Destination) -> Plan:
+        """How an outbound connection to ``dest`` goes (:func:`plan`), asking discovery when
+        the destination is in the mesh networks; counted in :attr:`counters` and the metrics."""
+        in_mesh = self.meshed(dest.host)
+        answer = None
+        if in_mesh and self._discovery is not None:
+            answer = await self._discovery.lookup(dest.host, dest.port)
+        chosen = plan(dest, in_mesh, answer)
+        if chosen.route is not None:
+            self.counters.meshed += 1
+        elif in_mesh:
+            self.counters.discovered_plain += 1
+        else:
+            self.counters.passed_through += 1
+        if chosen.discovered == "fallback":
+            self.counters.discovery_fallback += 1
+        if chosen.discovered is not None:
+            self._outbound.metrics.discovered(chosen.discovered)
+        return chosen
+
     async def _pass_through(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         dest: original_dst.Destination,
     ) -> None:
-        """Plaintext to a destination outside the mesh, as the application sent it."""
+        """Plaintext to a destination outside the mesh (or not meshed), as the application
+        sent it."""
         metrics = self._outbound.metrics
         metrics.opened("outbound")
         tally = forward.Transferred()
@@ -218,7 +280,7 @@ class Transparent:
                 )
             except (OSError, TimeoutError) as exc:
                 self.counters.outbound_failed += 1
-                logger.info("outbound to %s (outside the mesh) failed: %s", dest, exc)
+                logger.info("outbound to %s (plaintext) failed: %s", dest, exc)
                 return
             await forward.splice((reader, writer), peer, tally=tally)
         finally:
