@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import functools
 import json
 import os
 import pathlib
@@ -24,12 +26,17 @@ import tempfile
 import textwrap
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from prometheus_client import parser
 
+from meshward import inject
+from meshward.identity import pki
+from meshward.operator import _settings
 from meshward.proxy import interception
 from tests import kubetest, netns
 from tests.test_identity_service import IdentityService, init_trust, name, token_for
@@ -604,5 +611,341 @@ async def test_an_unmodified_client_reaches_a_meshed_server_over_mtls_and_policy
         outside = await http_get(pods["client"], network.gateway, outside_server, "/")
         assert outside == {"status": 200, "body": "outside\n"}
         assert ok.metric("tcp_open_total", direction="outbound") == before + 1
+    finally:
+        identity.stop()
+
+
+# -- destination discovery, end to end ---------------------------------------------------------
+
+
+class BridgePolicyService:
+    """``meshward policy serve`` on the bridge's address, where the pods' proxies reach it; its
+    admin port (readiness, metrics) on the host's loopback."""
+
+    def __init__(self, host: str, port: int, log: pathlib.Path) -> None:
+        self.host, self.port, self.log = host, port, log
+        self.admin_port = kubetest.free_port()
+
+    def start(
+        self,
+        processes: Processes,
+        kubeconfig: pathlib.Path,
+        trust: pathlib.Path,
+        server_name: str,
+        namespace: str,
+    ) -> None:
+        """Serve with the mesh issuer in ``trust``, named ``server_name``, publishing the
+        proxies' reports to ``namespace``; returns once it has listed the cluster."""
+        processes.start(
+            [
+                *(sys.executable, "-m", "meshward", "policy", "serve", "--verbose"),
+                *("--issuer-dir", str(trust), "--trust-anchors", str(trust / "ca-bundle.crt")),
+                *("--addr", f"{self.host}:{self.port}"),
+                *("--admin-addr", f"127.0.0.1:{self.admin_port}"),
+                *("--server-name", server_name, "--namespace", namespace),
+            ],
+            self.log,
+            {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "policy-0"},
+        )
+        kubetest.wait_for(f"the policy service\n{self.log_tail()}", self.ready, 30)
+
+    def get(self, path: str) -> bytes:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body: bytes = resp.read()
+            return body
+
+    def ready(self) -> bool:
+        try:
+            self.get("/ready")
+        except OSError:  # refused while starting, 503 (HTTPError) until synced
+            return False
+        return True
+
+    def lookups(self) -> dict[str, float]:
+        """``policy_lookups_total`` by result."""
+        return {
+            sample.labels["result"]: sample.value
+            for family in parser.text_string_to_metric_families(self.get("/metrics").decode())
+            for sample in family.samples
+            if sample.name == "policy_lookups_total"
+        }
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def running_pod(
+    core: client.CoreV1Api,
+    namespace: str,
+    pod: str,
+    service_account: str,
+    ip: str,
+    injector: inject.Settings | None,
+) -> dict[str, Any]:
+    """Create Pod ``pod`` (label app=<pod without its -0>) running as ``service_account``,
+    injected as ``meshward inject`` would with ``injector`` (None: left plain), and mark it
+    Running at ``ip`` as the kubelet would. Returns the pod as created."""
+    manifest = yaml.safe_load(kubetest.pod_manifest(namespace, pod, pod.removesuffix("-0")))
+    manifest["spec"]["serviceAccountName"] = service_account
+    if injector is not None:
+        at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        manifest, reports = inject.inject_object(manifest, injector, at, pod)
+        assert [report.injected for report in reports] == [True], reports
+    core.create_namespaced_pod(namespace, manifest)
+    status = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    core.patch_namespaced_pod_status(pod, namespace, {"status": status})
+    created: dict[str, Any] = manifest
+    return created
+
+
+def init_arguments(pod: dict[str, Any]) -> list[str]:
+    """The arguments the injected pod's meshward-init container gives ``meshward proxy-init``."""
+    (init,) = [c for c in pod["spec"]["initContainers"] if c["name"] == inject.INIT_CONTAINER]
+    command: list[str] = init["command"]
+    assert command[:2] == ["meshward", "proxy-init"], command
+    return command[2:]
+
+
+def serve_site(
+    processes: Processes, pod: netns.Pod, shared_dir: pathlib.Path, log: pathlib.Path
+) -> str:
+    """An unmodified http.server in ``pod`` on the application's port, serving /hello.txt,
+    which names the pod; returns that greeting."""
+    site = shared_dir / f"site-{pod.netns}"
+    site.mkdir()
+    greeting = f"hello from {pod.netns}\n"
+    (site / "hello.txt").write_text(greeting)
+    processes.start(
+        pod.argv(
+            *(sys.executable, "-u", "-m", "http.server", str(APP_PORT)),
+            *("--bind", "0.0.0.0", "--directory", str(site)),
+        ),
+        log,
+        dict(os.environ),
+    )
+    return greeting
+
+
+def start_pod_proxy(
+    processes: Processes,
+    pod: netns.Pod,
+    directory: pathlib.Path,
+    log: pathlib.Path,
+    token: str,
+    env: dict[str, str],
+) -> PodProxy:
+    """The pod's transparent proxy under its own UID, with ``token`` and ``env`` (the
+    MESHWARD_PROXY_* variables besides the identity directory and token file)."""
+    (directory / "identity").mkdir(parents=True)
+    (directory / "token").write_text(token)
+    for path in (directory / "identity", directory / "token"):
+        os.chown(path, PROXY_UID, PROXY_UID)
+    (directory / "token").chmod(0o600)
+    full = {
+        **os.environ,
+        "MESHWARD_PROXY_IDENTITY_DIR": str(directory / "identity"),
+        "MESHWARD_PROXY_IDENTITY_TOKEN_FILE": str(directory / "token"),
+        **env,
+    }
+    proxy = PodProxy(pod, log, full)
+    processes.start(
+        pod.argv(sys.executable, "-m", "meshward.proxy", "--verbose", uid=PROXY_UID), log, full
+    )
+    return proxy
+
+
+def placed(proxy: PodProxy) -> bool:
+    """Whether ``proxy`` has taken a policy document into effect."""
+    return proxy.metric("policy_updates_total") >= 1
+
+
+def serving(app_log: pathlib.Path) -> bool:
+    """Whether the http.server logging to ``app_log`` listens."""
+    return "Serving HTTP" in app_log.read_text()
+
+
+def requests_in(app_log: pathlib.Path) -> list[str]:
+    """The requests an http.server logged, one line each."""
+    return [line for line in app_log.read_text().splitlines() if "GET /" in line]
+
+
+@pytest.mark.cluster
+async def test_discovery_sends_mtls_to_meshed_pods_only_and_pins_who_answers(
+    network: netns.Network,
+    ipt: netns.Iptables,
+    processes: Processes,
+    shared_dir: pathlib.Path,
+    operator: kubetest.Operator,
+    kubectl: kubetest.Kubectl,
+    core: client.CoreV1Api,
+    kubeconfig: pathlib.Path,
+    namespace: str,
+    tmp_path: pathlib.Path,
+) -> None:
+    """``web`` is meshed, ``legacy`` is not (no rules, no proxy), ``impostor``'s API record says
+    ServiceAccount web2 while its proxy is certified as ``intruder``. The client's proxy follows
+    the real policy service, whose lookups answer from the Pods the API holds: it carries
+    the connection to web over mTLS, to legacy in plaintext, and refuses impostor. ``blind``
+    reads a policy file instead: without discovery it can not reach legacy, and takes impostor
+    for anyone in the mesh."""
+    if (reason := netns.unprivileged_problem(PROXY_UID)) is not None:
+        pytest.skip(reason)
+    ns = namespace
+    hosts = {"web": 130, "client": 131, "legacy": 132, "impostor": 133, "blind": 134}
+    pods = {role: network.add(role, host) for role, host in hosts.items()}
+    mesh = f"{network.subnet.network_address + 128}/25"
+
+    identity = BridgeIdentityService(
+        kubeconfig, init_trust(tmp_path / "trust"), tmp_path / "identity.log", network.gateway
+    )
+    identity.start()
+    policy = BridgePolicyService(network.gateway, kubetest.free_port(), tmp_path / "policy.log")
+    # The injector as the operator would run it here: the services at the bridge's address.
+    injector = _settings.injector_from_env(
+        {
+            "MESHWARD_INJECT_IDENTITY_SVC_ADDR": f"{network.gateway}:{identity.port}",
+            "MESHWARD_INJECT_IDENTITY_SVC_NAME": "localhost",
+            "MESHWARD_INJECT_POLICY_SVC_ADDR": f"{policy.host}:{policy.port}",
+        }
+    )
+    proxies: dict[str, PodProxy] = {}
+
+    def logs() -> str:
+        tails = [f"--- {role} proxy\n{proxy.log_tail()}" for role, proxy in proxies.items()]
+        return "\n".join([*tails, f"--- policy service\n{policy.log_tail()}"])
+
+    def wait(what: str, done: Callable[[], bool], timeout: float = 30) -> None:
+        """kubetest.wait_for, its failure followed by the logs as they are then."""
+        try:
+            kubetest.wait_for(what, done, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{logs()}") from None
+
+    try:
+        # Tokens first: they create the ServiceAccounts the pods run as.
+        tokens = {sa: token_for(core, ns, sa) for sa in ("web", "client", "intruder", "blind")}
+        core.create_namespaced_service_account(
+            ns, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="web2"))
+        )
+        kubetest.wait_service_account(core, ns)  # legacy runs as default
+        accounts = {"web": "web", "client": "client", "impostor": "web2", "blind": "blind"}
+        for role, sa in accounts.items():
+            record = running_pod(core, ns, f"{role}-0", sa, pods[role].ip, injector)
+            # The rules are the ones the pod's injected init container would install.
+            done = proxy_init(pods[role], ipt, *init_arguments(record))
+            assert done.returncode == 0, done.stderr
+        running_pod(core, ns, "legacy-0", "default", pods["legacy"].ip, None)
+
+        kubectl.apply(authorization(ns, mesh, "client"))
+        doc = kubetest.wait_document(
+            core,
+            ns,
+            lambda d: (
+                [len(s.rules) for s in d.servers if s.name == "web"] == [1]
+                and {"web-0", "client-0", "impostor-0"} <= d.pods.keys()
+            ),
+            "Server web with its authorization, and the meshed pods",
+        )
+        policy_file = shared_dir / "policy.json"
+        policy_file.write_text(doc.to_json())
+        policy_file.chmod(0o644)
+        policy.start(processes, kubeconfig, identity.trust, injector.policy_svc_name, ns)
+
+        app_logs = {role: tmp_path / f"{role}-app.log" for role in ("web", "legacy", "impostor")}
+        greetings = {
+            role: serve_site(processes, pods[role], shared_dir, log)
+            for role, log in app_logs.items()
+        }
+
+        common = {
+            "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS": (identity.trust / "ca-bundle.crt").read_text(),
+            "MESHWARD_PROXY_IDENTITY_SVC_ADDR": injector.identity_svc_addr,
+            "MESHWARD_PROXY_IDENTITY_SVC_NAME": injector.identity_svc_name,
+            "MESHWARD_PROXY_OUTBOUND_MESH_NETWORKS": mesh,
+        }
+        service = {
+            "MESHWARD_PROXY_POLICY_SVC_ADDR": injector.policy_svc_addr,
+            "MESHWARD_PROXY_POLICY_SVC_NAME": injector.policy_svc_name,
+        }
+        # role: (certified as, policy source); impostor's certificate is not its record's.
+        setups = {
+            "web": ("web", service),
+            "client": ("client", service),
+            "impostor": ("intruder", service),
+            "blind": ("blind", {"MESHWARD_PROXY_POLICY_FILE": str(policy_file)}),
+        }
+        for role, (sa, source) in setups.items():
+            proxies[role] = start_pod_proxy(
+                processes,
+                pods[role],
+                shared_dir / role,
+                tmp_path / f"{role}-proxy.log",
+                tokens[sa],
+                {
+                    **common,
+                    **source,
+                    "MESHWARD_PROXY_IDENTITY_LOCAL_NAME": name(sa, ns),
+                    "MESHWARD_PROXY_POD_NAME": f"{role}-0",
+                },
+            )
+        for role, proxy in proxies.items():
+            wait(f"the proxy of {role}", proxy.ready)
+        for role in ("web", "client", "impostor"):  # each has its namespace's policy
+            wait(f"the policy to reach {role}'s proxy", functools.partial(placed, proxies[role]))
+        for role, log in app_logs.items():
+            wait(f"{role}'s application", functools.partial(serving, log))
+        web, ok, blind = proxies["web"], proxies["client"], proxies["blind"]
+        ip = {role: pod.ip for role, pod in pods.items()}
+
+        # 1. Meshed: over mTLS, and web's proxy saw the client's identity.
+        answer = await http_get(pods["client"], ip["web"], APP_PORT)
+        assert answer == {"status": 200, "body": greetings["web"]}, f"{answer}\n{logs()}"
+        allowed = web.metric(
+            "inbound_tcp_authz_allow_total",
+            srv_name="web",
+            authz_name="from-client",
+            tls="true",
+            client_id=name("client", ns),
+        )
+        assert allowed == 1, logs()
+
+        # 2. Not meshed: plaintext, straight from the client's pod to the application.
+        answer = await http_get(pods["client"], ip["legacy"], APP_PORT)
+        assert answer == {"status": 200, "body": greetings["legacy"]}, f"{answer}\n{logs()}"
+        assert [line.split()[0] for line in requests_in(app_logs["legacy"])] == [ip["client"]]
+        # Without discovery (a policy file) the same dial goes out as mTLS, which legacy's
+        # plain HTTP server can not answer.
+        answer = await http_get(pods["blind"], ip["legacy"], APP_PORT)
+        assert answer.get("status") != 200, f"{answer}\n{logs()}"
+        assert blind.metric("tls_handshake_failures_total", direction="outbound") == 1, logs()
+        assert blind.metric("outbound_discovery_total") == 0
+        assert len(requests_in(app_logs["legacy"])) == 1
+
+        # 3. Pinned: impostor's proxy has a certificate the anchors vouch for, but not of web2,
+        # the ServiceAccount its pod runs as: refused before a byte of the request is sent.
+        answer = await http_get(pods["client"], ip["impostor"], APP_PORT)
+        assert answer.get("status") != 200, f"{answer}\n{logs()}"
+        intruder, web2 = (
+            pki.Identity(ns, sa, injector.trust_domain) for sa in ("intruder", "web2")
+        )
+        refusal = (
+            f"refused peer {ip['impostor']}:{APP_PORT}: it is {intruder.spiffe_id}, expected "
+            f"one of {web2.spiffe_id}"
+        )
+        wait(f"the client's proxy to log {refusal!r}", lambda: refusal in ok.log.read_text())
+        assert requests_in(app_logs["impostor"]) == []
+        # Accepting any mesh identity, as blind does without discovery, impostor would answer.
+        answer = await http_get(pods["blind"], ip["impostor"], APP_PORT)
+        assert answer == {"status": 200, "body": greetings["impostor"]}, f"{answer}\n{logs()}"
+
+        # 4. Each outbound connection was decided on the policy service's word, and it counted
+        # the same lookups: two meshed (web, impostor), one plain (legacy), none refused.
+        discovered = {
+            result: ok.metric("outbound_discovery_total", result=result)
+            for result in ("meshed", "plain", "fallback")
+        }
+        assert discovered == {"meshed": 2, "plain": 1, "fallback": 0}, logs()
+        assert policy.lookups() == {"meshed": 2, "plain": 1}, logs()
     finally:
         identity.stop()
