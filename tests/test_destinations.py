@@ -14,7 +14,8 @@ import dataclasses
 import ipaddress
 import pathlib
 import random
-from collections.abc import AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -98,20 +99,32 @@ def service(
     }
 
 
+Conditions = bool | None | dict[str, bool]
+"""An endpoint's ``ready`` condition (None: unset), or all its conditions."""
+TERMINATING = {"ready": False, "serving": True, "terminating": True}
+"""A pod being deleted that still passes its readiness probe."""
+
+
 def endpoint_slice(
     name: str,
     service_name: str,
-    endpoints: Iterable[tuple[str, bool | None]],
+    endpoints: Iterable[tuple[str, Conditions]],
     ports: Iterable[tuple[str, int]],
     namespace: str = "shop",
     address_type: str = "IPv4",
+    pods: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """An EndpointSlice of ``service_name``: endpoints (address, ready), ports (name, port)."""
+    """An EndpointSlice of ``service_name``: endpoints (address, conditions), ports (name,
+    port), and the pod (``targetRef``) at each address in ``pods``."""
     listed = []
-    for address, ready in endpoints:
+    for address, conditions in endpoints:
         entry: dict[str, Any] = {"addresses": [address]}
-        if ready is not None:
-            entry["conditions"] = {"ready": ready}
+        if isinstance(conditions, dict):
+            entry["conditions"] = conditions
+        elif conditions is not None:
+            entry["conditions"] = {"ready": conditions}
+        if pods and address in pods:
+            entry["targetRef"] = {"kind": "Pod", "namespace": namespace, "name": pods[address]}
         listed.append(entry)
     return {
         "metadata": {
@@ -137,8 +150,13 @@ def index_of(
     return index
 
 
-def ask(index: destinations.Index, address: str, port: int) -> Answer:
+def ask(index: destinations.Index, address: str, port: int) -> Answer | destinations.Unsure:
     return index.lookup(*destinations.parse(address, port))
+
+
+def is_meshed(index: destinations.Index, address: str, port: int) -> bool:
+    answer = ask(index, address, port)
+    return isinstance(answer, Answer) and answer.meshed
 
 
 # -- pods ------------------------------------------------------------------------------------
@@ -181,12 +199,12 @@ def test_ports_that_proxy_init_skips_are_plain_on_that_pod() -> None:
     init["args"] = ["--admin-port", "4444", "--skip-inbound-ports", "9000-9100,25"]
     index = index_of([by_hand])
     assert [
-        p for p in (25, 4444, 8999, 9000, 9050, 9100, 9101) if ask(index, "10.42.0.8", p).meshed
+        p for p in (25, 4444, 8999, 9000, 9050, 9100, 9101) if is_meshed(index, "10.42.0.8", p)
     ] == [
         8999,
         9101,
     ]
-    assert ask(index, "10.42.0.8", SETTINGS.admin_port).meshed  # not this pod's admin port
+    assert is_meshed(index, "10.42.0.8", SETTINGS.admin_port)  # not this pod's admin port
 
 
 def test_both_families_of_a_dual_stack_pod_are_meshed() -> None:
@@ -207,9 +225,9 @@ def test_events_change_the_answers() -> None:
     index.apply(Kind.PODS, "ADDED", running(pod_spec("web-0"), "10.42.0.7", phase="Pending"))
     assert ask(index, "10.42.0.7", 8080) == PLAIN
     index.apply(Kind.PODS, "MODIFIED", meshed_pod("web-0", "10.42.0.7"))
-    assert ask(index, "10.42.0.7", 8080).meshed
+    assert is_meshed(index, "10.42.0.7", 8080)
     index.apply(Kind.PODS, "MODIFIED", meshed_pod("web-0", "10.42.0.9"))  # a new IP
-    assert ask(index, "10.42.0.7", 8080) == PLAIN and ask(index, "10.42.0.9", 8080).meshed
+    assert ask(index, "10.42.0.7", 8080) == PLAIN and is_meshed(index, "10.42.0.9", 8080)
     # an IP handed to another pod before the first is gone: either may be the one that answers
     index.apply(Kind.PODS, "ADDED", meshed_pod("api-0", "10.42.0.9", sa="api"))
     both = (spiffe("shop", "api"), spiffe("shop", "web"))
@@ -275,7 +293,7 @@ def test_the_service_port_maps_to_the_target_port_the_slice_names() -> None:
     pods = [meshed_pod("web-0", "10.42.0.7", skip_inbound=(8080,))]
     index = shop([("10.42.0.7", True)], pods)
     assert ask(index, CLUSTER_IP, 80) == PLAIN
-    assert ask(index, CLUSTER_IP, 443).meshed
+    assert is_meshed(index, CLUSTER_IP, 443)
 
 
 def test_a_headless_service_has_no_cluster_ip_but_its_pods_answer() -> None:
@@ -285,7 +303,7 @@ def test_a_headless_service_has_no_cluster_ip_but_its_pods_answer() -> None:
         pods, [headless], [endpoint_slice("web-a", "web", [("10.42.0.7", True)], [("http", 8080)])]
     )
     assert index.size(Kind.SERVICES) == 0
-    assert ask(index, "10.42.0.7", 8080).meshed
+    assert is_meshed(index, "10.42.0.7", 8080)
 
 
 def test_a_dual_stack_service_uses_the_slices_of_the_address_family() -> None:
@@ -331,6 +349,225 @@ def test_slices_of_another_service_or_namespace_do_not_count() -> None:
     assert ask(index, CLUSTER_IP, 80) == PLAIN
 
 
+def test_a_service_whose_endpoints_all_terminate_is_judged_by_those_still_serving() -> None:
+    """kube-proxy (1.26+) sends a Service's traffic to terminating endpoints that still serve
+    when none is ready, as in a one-replica rollout: they decide the answer then."""
+    old = meshed_pod("web-0", "10.42.0.7")
+    plain_old = running(pod_spec("legacy-0", injected=False), "10.42.0.8")
+    web = Answer(True, (spiffe("shop", "web"),))
+    assert ask(shop([("10.42.0.7", TERMINATING)], [old]), CLUSTER_IP, 80) == web
+    assert ask(shop([("10.42.0.8", TERMINATING)], [plain_old]), CLUSTER_IP, 80) == PLAIN
+    both = [("10.42.0.7", TERMINATING), ("10.42.0.8", TERMINATING)]
+    assert ask(shop(both, [old, plain_old]), CLUSTER_IP, 80) == PLAIN
+    # a ready endpoint takes all the traffic: the terminating ones no longer count
+    new = meshed_pod("web-1", "10.42.0.9", sa="web-next")
+    rollout = shop([("10.42.0.8", TERMINATING), ("10.42.0.9", True)], [plain_old, new])
+    assert ask(rollout, CLUSTER_IP, 80) == Answer(True, (spiffe("shop", "web-next"),))
+    # terminating and no longer serving: no traffic goes there
+    gone = {"ready": False, "serving": False, "terminating": True}
+    assert ask(shop([("10.42.0.8", gone)], [plain_old]), CLUSTER_IP, 80) == PLAIN
+    assert (
+        ask(shop([("10.42.0.8", gone), ("10.42.0.7", True)], [old, plain_old]), CLUSTER_IP, 80)
+        == web
+    )
+    # not ready and not terminating (failing its probe): never a fallback
+    unready = {"ready": False, "serving": False, "terminating": False}
+    assert ask(shop([("10.42.0.8", unready)], [plain_old]), CLUSTER_IP, 80) == PLAIN
+    # serving unset means serving, as the API defines it
+    assert (
+        ask(shop([("10.42.0.7", {"ready": False, "terminating": True})], [old]), CLUSTER_IP, 80)
+        == web
+    )
+
+
+def test_the_fallback_to_terminating_endpoints_spans_all_slices_of_the_family() -> None:
+    pods = [meshed_pod("web-0", "10.42.0.7"), running(pod_spec("x", injected=False), "10.42.0.8")]
+    index = index_of(
+        pods,
+        [service("web", [CLUSTER_IP], [("http", 80, 8080)])],
+        [
+            endpoint_slice("web-a", "web", [("10.42.0.8", TERMINATING)], [("http", 8080)]),
+            endpoint_slice("web-b", "web", [("10.42.0.7", True)], [("http", 8080)]),
+        ],
+    )
+    assert ask(index, CLUSTER_IP, 80) == Answer(True, (spiffe("shop", "web"),))
+    index.apply(
+        Kind.ENDPOINTSLICES,
+        "MODIFIED",
+        endpoint_slice("web-b", "web", [("10.42.0.7", False)], [("http", 8080)]),
+    )
+    assert ask(index, CLUSTER_IP, 80) == PLAIN  # now only the unmeshed terminating one serves
+
+
+def test_external_and_load_balancer_ips_are_answered_like_the_cluster_ip() -> None:
+    pods = [meshed_pod("web-0", "10.42.0.7")]
+    exposed = service("web", [CLUSTER_IP], [("http", 80, "http")])
+    exposed["spec"]["externalIPs"] = ["192.0.2.10", "not-an-ip"]
+    exposed["status"] = {
+        "loadBalancer": {
+            "ingress": [
+                {"ip": "198.51.100.7"},
+                {"hostname": "lb.example.com"},
+                {"ip": "198.51.100.8", "ipMode": "Proxy"},  # the balancer proxies: no rule
+                {"ip": "198.51.100.9", "ipMode": "VIP"},
+            ]
+        }
+    }
+    index = index_of(
+        pods, [exposed], [endpoint_slice("web-a", "web", [("10.42.0.7", True)], [("http", 8080)])]
+    )
+    web = Answer(True, (spiffe("shop", "web"),))
+    for address in (CLUSTER_IP, "192.0.2.10", "198.51.100.7", "198.51.100.9"):
+        assert ask(index, address, 80) == web, address
+        assert ask(index, address, 8080) == PLAIN, address  # only the Service's ports
+    assert ask(index, "198.51.100.8", 80) == PLAIN
+    # kube-proxy forwards nothing for a headless Service, external IPs or not
+    headless = copy.deepcopy(exposed)
+    headless["spec"]["clusterIP"], headless["spec"]["clusterIPs"] = "None", ["None"]
+    index.apply(Kind.SERVICES, "MODIFIED", headless)
+    assert ask(index, "192.0.2.10", 80) == PLAIN and ask(index, "198.51.100.7", 80) == PLAIN
+
+
+# -- endpoints by the pod they name ---------------------------------------------------------
+
+
+def test_an_endpoint_is_judged_by_the_pod_its_target_ref_names() -> None:
+    """When two pods claim an IP (one gone, the API not yet told), the endpoint's targetRef
+    says which one the Service sends to: only its identity may answer."""
+    pods = [meshed_pod("web-0", "10.42.0.7"), meshed_pod("old-0", "10.42.0.7", sa="old")]
+    slices = [
+        endpoint_slice(
+            "web-a", "web", [("10.42.0.7", True)], [("http", 8080)], pods={"10.42.0.7": "web-0"}
+        )
+    ]
+    index = index_of(pods, [service("web", [CLUSTER_IP], [("http", 80, 8080)])], slices)
+    assert ask(index, CLUSTER_IP, 80) == Answer(True, (spiffe("shop", "web"),))
+    assert ask(index, "10.42.0.7", 8080) == Answer(  # the pod IP itself: either may answer
+        True, (spiffe("shop", "old"), spiffe("shop", "web"))
+    )
+
+
+def test_an_endpoint_whose_pod_is_not_seen_yet_is_unsure_never_plain() -> None:
+    plain = running(pod_spec("legacy-0", injected=False), "10.42.0.8")
+    refs = {"10.42.0.7": "web-0", "10.42.0.8": "legacy-0"}
+    svc = service("web", [CLUSTER_IP], [("http", 80, 8080)])
+
+    def sliced(*addresses: str) -> dict[str, Any]:
+        return endpoint_slice(
+            "web-a", "web", [(a, True) for a in addresses], [("http", 8080)], pods=refs
+        )
+
+    index = index_of([], [svc], [sliced("10.42.0.7")])
+    answer = ask(index, CLUSTER_IP, 80)
+    assert isinstance(answer, destinations.Unsure)
+    assert answer.why == (
+        "EndpointSlice shop/web-a lists pod shop/web-0, which the server has not seen yet"
+    )
+    index.apply(Kind.PODS, "ADDED", meshed_pod("web-0", "10.42.0.7"))
+    assert ask(index, CLUSTER_IP, 80) == Answer(True, (spiffe("shop", "web"),))
+    # seen and not meshed differs from not seen: a sure "plain"
+    index.apply(Kind.PODS, "DELETED", meshed_pod("web-0", "10.42.0.7"))
+    index.apply(Kind.PODS, "ADDED", plain)
+    index.apply(Kind.ENDPOINTSLICES, "MODIFIED", sliced("10.42.0.7", "10.42.0.8"))
+    assert ask(index, CLUSTER_IP, 80) == PLAIN  # legacy-0 is plain, whatever web-0 is
+    index.apply(Kind.ENDPOINTSLICES, "MODIFIED", sliced("10.42.0.8"))
+    assert ask(index, CLUSTER_IP, 80) == PLAIN
+    # an unmeshed pod without an IP yet is known too
+    pending = running(pod_spec("legacy-0", injected=False), "10.42.0.8", phase="Pending")
+    index.apply(Kind.PODS, "MODIFIED", pending)
+    assert ask(index, CLUSTER_IP, 80) == PLAIN
+    index.apply(Kind.PODS, "DELETED", pending)
+    assert isinstance(ask(index, CLUSTER_IP, 80), destinations.Unsure)
+
+
+def test_an_endpoint_naming_a_pod_that_does_not_hold_its_address_is_unsure() -> None:
+    """A StatefulSet pod recreated under its name at a new IP, the slice not yet updated:
+    the old address may be anybody's now."""
+    index = index_of(
+        [meshed_pod("web-0", "10.42.0.9")],
+        [service("web", [CLUSTER_IP], [("http", 80, 8080)])],
+        [
+            endpoint_slice(
+                "web-a", "web", [("10.42.0.7", True)], [("http", 8080)], pods={"10.42.0.7": "web-0"}
+            )
+        ],
+    )
+    answer = ask(index, CLUSTER_IP, 80)
+    assert isinstance(answer, destinations.Unsure)
+    assert "lists pod shop/web-0 at 10.42.0.7, which that pod does not hold" in answer.why
+
+
+def test_an_endpoint_naming_another_kind_is_judged_by_its_address() -> None:
+    pods = [meshed_pod("web-0", "10.42.0.7")]
+    piece = endpoint_slice("web-a", "web", [("10.42.0.7", True)], [("http", 8080)])
+    piece["endpoints"][0]["targetRef"] = {"kind": "VirtualMachine", "name": "vm-0"}
+    index = index_of(pods, [service("web", [CLUSTER_IP], [("http", 80, 8080)])], [piece])
+    assert ask(index, CLUSTER_IP, 80) == Answer(True, (spiffe("shop", "web"),))
+
+
+# -- answers held, and what changes them ------------------------------------------------------
+
+
+def big_shop(endpoints: int) -> tuple[destinations.Index, list[dict[str, Any]]]:
+    """Service web with ``endpoints`` meshed pods behind it, in slices of 100 as Kubernetes
+    cuts them."""
+    template = pod_spec("web-0")
+    pods, refs = [], {}
+    for i in range(endpoints):
+        pod = copy.deepcopy(template)
+        pod["metadata"]["name"] = f"web-{i}"
+        ip = str(ipaddress.ip_address("10.42.0.1") + i)
+        pods.append(running(pod, ip))
+        refs[ip] = f"web-{i}"
+    addresses = list(refs)
+    slices = [
+        endpoint_slice(
+            f"web-{start}",
+            "web",
+            [(a, True) for a in addresses[start : start + 100]],
+            [("http", 8080)],
+            pods=refs,
+        )
+        for start in range(0, endpoints, 100)
+    ]
+    index = index_of(pods, [service("web", [CLUSTER_IP], [("http", 80, 8080)])], slices)
+    return index, pods
+
+
+def test_a_lookup_of_a_big_service_is_quick_and_follows_every_change() -> None:
+    index, pods = big_shop(2000)
+    web = Answer(True, (spiffe("shop", "web"),))
+    assert ask(index, CLUSTER_IP, 80) == web
+    address, port = destinations.parse(CLUSTER_IP, 80)
+    started = time.perf_counter()
+    for _ in range(2000):
+        index.lookup(address, port)
+    # walking 2000 endpoints at each lookup took about 10 ms each, 20 s for these
+    assert time.perf_counter() - started < 2.0
+    # each kind's events, and relists, change the answer held
+    unmeshed = running(pod_spec("web-1500", injected=False), "10.42.5.221")
+    index.apply(Kind.PODS, "MODIFIED", unmeshed)
+    assert ask(index, CLUSTER_IP, 80) == PLAIN
+    index.load(Kind.PODS, pods)
+    assert ask(index, CLUSTER_IP, 80) == web
+    index.apply(Kind.SERVICES, "MODIFIED", service("web", [CLUSTER_IP], [("http", 8000, 8080)]))
+    assert ask(index, CLUSTER_IP, 80) == PLAIN and ask(index, CLUSTER_IP, 8000) == web
+    index.apply(
+        Kind.ENDPOINTSLICES,
+        "ADDED",
+        endpoint_slice("web-extra", "web", [("192.0.2.1", True)], [("http", 8080)]),
+    )
+    assert ask(index, CLUSTER_IP, 8000) == PLAIN
+    index.apply(
+        Kind.ENDPOINTSLICES,
+        "DELETED",
+        endpoint_slice("web-extra", "web", [("192.0.2.1", True)], [("http", 8080)]),
+    )
+    assert ask(index, CLUSTER_IP, 8000) == web
+    index.load(Kind.ENDPOINTSLICES, [])
+    assert ask(index, CLUSTER_IP, 8000) == PLAIN
+
+
 # -- requests --------------------------------------------------------------------------------
 
 
@@ -370,16 +607,17 @@ def free_ips(count: int) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def following() -> AsyncIterator[tuple[destinations.Index, metrics.Metrics]]:
-    """The watch-backed index of the cluster KUBECONFIG names, once synced."""
+async def following(
+    stale_after: float = destinations.STALE_AFTER,
+) -> AsyncIterator[tuple[destinations.Source, metrics.Metrics]]:
+    """The list-and-watch source of the cluster KUBECONFIG names, once synced."""
     api = await kube.connect()
     counters = metrics.Metrics()
-    index = destinations.Index(TD)
-    source = destinations.Source(api, index, counters)
+    source = destinations.Source(api, destinations.Index(TD), counters, stale_after)
     task = asyncio.get_running_loop().create_task(source.run())
     try:
         await asyncio.wait_for(source.synced.wait(), 20)
-        yield index, counters
+        yield source, counters
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -391,8 +629,8 @@ async def followed(
     kubeconfig: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[destinations.Index, metrics.Metrics]]:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    async with following() as held:
-        yield held
+    async with following() as (source, counters):
+        yield source.index, counters
 
 
 async def becomes(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -455,7 +693,8 @@ async def test_answers_follow_pods_as_they_change(
 ) -> None:
     index, _ = followed
     service_accounts(core, namespace, "web", "api")
-    web_ip, api_ip, v6 = *free_ips(2), "fd00:42::" + format(random.randrange(1, 2**16), "x")
+    web_ip, api_ip, probe_ip = free_ips(3)
+    v6 = "fd00:42::" + format(random.randrange(1, 2**16), "x")
     create_pod(core, namespace, pod_spec("web-0", namespace), web_ip, v6)
     web = Answer(True, (spiffe(namespace, "web"),))
     await becomes("web-0 to be meshed", lambda: ask(index, web_ip, 8080) == web)
@@ -467,7 +706,9 @@ async def test_answers_follow_pods_as_they_change(
     unannotated = pod_spec("api-0", namespace, sa="api")
     del unannotated["metadata"]["annotations"][inject.VERSION_ANNOTATION]
     create_pod(core, namespace, unannotated, api_ip)
-    await asyncio.sleep(0.5)
+    # pods are watched in order: once a pod stored after it is seen, api-0 has been seen too
+    create_pod(core, namespace, pod_spec("probe-0", namespace), probe_ip)
+    await becomes("a later pod to be seen", lambda: ask(index, probe_ip, 8080) == web)
     assert ask(index, api_ip, 8080) == PLAIN
     core.patch_namespaced_pod(
         "api-0", namespace, {"metadata": {"annotations": {inject.VERSION_ANNOTATION: "1.2.3"}}}
@@ -514,7 +755,13 @@ async def test_answers_follow_a_service_and_its_endpoint_slices(
         body["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = "meshward-tests"
         return body
 
-    await asyncio.sleep(0.3)
+    # Services are watched in order: once a Service created after web is seen, so is web
+    probe = core.create_namespaced_service(
+        namespace, {"metadata": {"name": "probe"}, "spec": {"ports": [{"port": 80}]}}
+    )
+    probe_slice = endpoint_slice("probe-manual", "probe", [(web_ip, True)], [("", 80)], namespace)
+    slices.put(probe_slice)
+    await becomes("a later Service to be seen", lambda: is_meshed(index, probe.spec.cluster_ip, 80))
     assert ask(index, cluster_ip, 80) == PLAIN  # no endpoints yet
     slices.put(slice_of(web_ip, canary_ip))
     both = Answer(True, (spiffe(namespace, "web"), spiffe(namespace, "web-canary")))
@@ -523,7 +770,7 @@ async def test_answers_follow_a_service_and_its_endpoint_slices(
 
     slices.put(slice_of(web_ip, plain_ip))
     await becomes(
-        "an unmeshed endpoint to make it plain", lambda: not ask(index, cluster_ip, 80).meshed
+        "an unmeshed endpoint to make it plain", lambda: ask(index, cluster_ip, 80) == PLAIN
     )
     slices.put(slice_of(web_ip))
     web = Answer(True, (spiffe(namespace, "web"),))
@@ -556,7 +803,83 @@ async def test_objects_that_exist_before_it_starts_are_answered_once_synced(
     slice_body = endpoint_slice("web-manual", "web", [(ip, True)], [("", 80)], namespace)
     EndpointSlices(api, namespace).put(slice_body)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    async with following() as (index, _):
+    async with following() as (source, _):
+        index = source.index
         web = Answer(True, (spiffe(namespace, "web"),))
         assert ask(index, ip, 80) == web
         assert ask(index, created.spec.cluster_ip, 80) == web
+
+
+@pytest.mark.cluster
+async def test_a_service_is_answered_on_its_external_and_balancer_ips_by_its_pods(
+    followed: tuple[destinations.Index, metrics.Metrics],
+    core: client.CoreV1Api,
+    api: client.ApiClient,
+    namespace: str,
+) -> None:
+    """The Service's addresses and the endpoints' pods as the API server stores them."""
+    index, _ = followed
+    service_accounts(core, namespace, "web")
+    web_ip, later_ip = free_ips(2)
+    external, balancer = (
+        f"192.0.2.{random.randrange(1, 255)}",
+        f"198.51.100.{random.randrange(1, 255)}",
+    )
+    create_pod(core, namespace, pod_spec("web-0", namespace), web_ip)
+    created = core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "web"},
+            "spec": {
+                "type": "LoadBalancer",
+                "externalIPs": [external],
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+            },
+        },
+    )
+    core.patch_namespaced_service_status(
+        "web", namespace, {"status": {"loadBalancer": {"ingress": [{"ip": balancer}]}}}
+    )
+    refs = {web_ip: "web-0", later_ip: "web-1"}
+    slices = EndpointSlices(api, namespace)
+
+    def slice_of(*addresses: str) -> dict[str, Any]:
+        body = endpoint_slice(
+            "web-manual",
+            "web",
+            [(a, True) for a in addresses],
+            [("http", 8080)],
+            namespace,
+            pods=refs,
+        )
+        body["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] = "meshward-tests"
+        return body
+
+    slices.put(slice_of(web_ip))
+    web = Answer(True, (spiffe(namespace, "web"),))
+    for address in (created.spec.cluster_ip, external, balancer):
+        await becomes(f"{address} to be meshed", lambda at=address: ask(index, at, 80) == web)
+    # an endpoint whose pod the server has not seen (the pod is not even created yet)
+    slices.put(slice_of(web_ip, later_ip))
+    await becomes(
+        "the unknown pod to make it unsure",
+        lambda: isinstance(ask(index, external, 80), destinations.Unsure),
+    )
+    unsure = ask(index, external, 80)
+    assert isinstance(unsure, destinations.Unsure)
+    assert f"lists pod {namespace}/web-1, which the server has not seen yet" in unsure.why
+    create_pod(core, namespace, pod_spec("web-1", namespace, injected=False), later_ip)
+    await becomes("the pod seen, unmeshed", lambda: ask(index, balancer, 80) == PLAIN)
+
+
+@pytest.mark.cluster
+async def test_a_quiet_cluster_with_open_watches_is_not_stale(
+    kubeconfig: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staleness is silence from a failing API server, not a cluster where nothing changes:
+    an open watch is news enough."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    async with following(stale_after=0.3) as (source, _):
+        assert source.unavailable() is None
+        await asyncio.sleep(1.0)
+        assert source.unavailable() is None

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes import client
 from kubernetes import config as kubernetes_config
 
-from meshward import devcluster, errors, proxyreports
+from meshward import devcluster, errors, kube, proxyreports
 from meshward.identity import pki
 from meshward.policy import compile as policy_compile
 from meshward.policy import compiled, decision
@@ -41,7 +41,14 @@ from meshward.policyserver import destinations, documents, metrics, publisher, r
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
 from meshward.proxy import identity, policy_stream
 from tests import builders, kubetest
-from tests.test_destinations import create_pod, free_ips, pod_spec, service_accounts
+from tests.test_destinations import (
+    EndpointSlices,
+    create_pod,
+    endpoint_slice,
+    free_ips,
+    pod_spec,
+    service_accounts,
+)
 from tests.test_identity_service import IdentityService, init_trust, meshward, name, token_for
 from tests.test_proxy_identity import proxy_settings
 from tests.test_proxy_identity import running as renewing
@@ -485,7 +492,9 @@ async def test_the_server_serves_through_an_api_server_outage_and_catches_up(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A control plane of its own, whose kube-apiserver is restarted under the policy server."""
+    """A control plane of its own, whose kube-apiserver is restarted under the policy server.
+    Policy keeps being served; destination lookups are refused, and the server is not ready,
+    once the outage outlasts what the server's picture of the cluster may be trusted for."""
     cluster = devcluster.up(tmp_path / "cp", controller_manager=False)
     restarted: subprocess.Popen[bytes] | None = None
     api = kubernetes_config.new_client_from_config(config_file=str(cluster.kubeconfig))
@@ -494,10 +503,14 @@ async def test_the_server_serves_through_an_api_server_outage_and_catches_up(
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="apps")))
         put_policy(core, "apps", document("apps", DefaultPolicy.ALL_UNAUTHENTICATED).to_json())
         monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
-        running = await start_server(trust)
+        running = await server.start(dataclasses.replace(settings(trust), lookups_stale_after=2))
+        await asyncio.wait_for(running.synced.wait(), 20)
         try:
             credentials = workload_certificate(trust, "apps")
             source = stream_source(running.port, trust, "apps", lambda: credentials)
+            reply = await lookup(running.port, trust, credentials, "10.0.0.1", 80)
+            assert not reply.meshed
+            assert await readiness(running, trust, credentials) == (200, "SERVING")
             async with following(source):
                 await eventually("the first document", lambda: allows(source) is True)
                 pid = cluster.pids["kube-apiserver"]
@@ -509,6 +522,15 @@ async def test_the_server_serves_through_an_api_server_outage_and_catches_up(
                     lambda: "can not follow" in caplog.text,
                     timeout=20,
                 )
+                await eventually("the server not to be ready", lambda: not running.synced.is_set())
+                assert await readiness(running, trust, credentials) == (503, "NOT_SERVING")
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await lookup(running.port, trust, credentials, "10.0.0.1", 80)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "has not heard from the API server about Pods" in str(
+                    refused.value.details()
+                )
+                assert "not ready: the policy server has not heard" in caplog.text
                 # a proxy that starts during the outage still gets the last document
                 late = stream_source(running.port, trust, "apps", lambda: credentials)
                 async with following(late):
@@ -520,7 +542,12 @@ async def test_the_server_serves_through_an_api_server_outage_and_catches_up(
                 await eventually("the API server to be back", cluster.ready, timeout=60)
                 put_policy(core, "apps", document("apps", DefaultPolicy.DENY).to_json())
                 await eventually("the change", lambda: allows(source) is False, timeout=20)
+                await eventually("ready again", running.synced.is_set, timeout=20)
+            assert await readiness(running, trust, credentials) == (200, "SERVING")
+            reply = await lookup(running.port, trust, credentials, "10.0.0.1", 80)
+            assert not reply.meshed
             assert await metric(running.admin_port, "policy_source_errors_total") >= 1
+            assert await metric(running.admin_port, "policy_ready") == 1
         finally:
             await running.stop()
     finally:
@@ -529,6 +556,26 @@ async def test_the_server_serves_through_an_api_server_outage_and_catches_up(
             restarted.terminate()
             restarted.wait(timeout=30)
         devcluster.down(tmp_path / "cp")
+
+
+async def readiness(
+    running: server.Running, trust: pathlib.Path, credentials: KeyAndChain
+) -> tuple[int, str]:
+    """The HTTP status of /ready and the gRPC health of the Policy service, as probes and
+    load balancers see them."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{running.admin_port}/ready") as response,
+    ):
+        http = response.status
+    key, chain = credentials
+    creds = grpc.ssl_channel_credentials((trust / "ca-bundle.crt").read_bytes(), key, chain)
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{running.port}", creds, options) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=server.SERVICE), timeout=10
+        )
+    return http, health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
 
 
 async def test_a_renewed_certificate_reopens_the_stream_and_an_expired_one_ends_it(
@@ -1234,14 +1281,22 @@ async def test_lookup_needs_a_mesh_certificate_of_this_trust_domain(
 
 async def test_lookup_is_unavailable_until_the_cluster_has_been_listed(
     trust: pathlib.Path,
+    kubeconfig: pathlib.Path,
+    core: client.CoreV1Api,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The real servicer over mutual TLS, with an index whose first lists have not arrived:
+    """The real servicer over mutual TLS, with a source whose first lists have not been made:
     it must refuse to answer rather than say "plaintext" for a pod it does not know yet."""
+    service_accounts(core, namespace, "web")
+    (web_ip,) = free_ips(1)
+    create_pod(core, namespace, pod_spec("web-0", namespace), web_ip)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    api = await kube.connect()
     counters = metrics.Metrics()
-    synced = asyncio.Event()
-    index = destinations.Index(TD)
+    source = destinations.Source(api, destinations.Index(TD), counters)
     servicer = server.PolicyServicer(
-        documents.Documents(), counters, TD, reports.Reports(counters), index, synced
+        documents.Documents(), counters, TD, reports.Reports(counters), source
     )
     issuer = issuer_of(trust)
     cert, key = pki.new_server_certificate(issuer, ["localhost"], datetime.timedelta(hours=1))
@@ -1254,26 +1309,110 @@ async def test_lookup_is_unavailable_until_the_cluster_has_been_listed(
     policy_pb2_grpc.add_PolicyServicer_to_server(servicer, grpc_server)  # type: ignore[no-untyped-call]
     port = grpc_server.add_secure_port("127.0.0.1:0", credentials)
     await grpc_server.start()
+    task: asyncio.Task[None] | None = None
     try:
         caller = workload_certificate(trust, "apps")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await lookup(port, trust, caller, "10.42.0.7", 8080)
+            await lookup(port, trust, caller, web_ip, 8080)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "has not yet listed the cluster's pods, services and endpointslices" in str(
             refused.value.details()
         )
-        index.load(destinations.Kind.PODS, [pod_with_status("web-0", "apps", "10.42.0.7")])
-        synced.set()
-        reply = await lookup(port, trust, caller, "10.42.0.7", 8080)
-        assert reply.meshed and list(reply.identities) == [f"spiffe://{TD}/ns/apps/sa/web"]
+        task = asyncio.get_running_loop().create_task(source.run())
+        await asyncio.wait_for(source.synced.wait(), 20)
+        reply = await lookup(port, trust, caller, web_ip, 8080)
+        assert reply.meshed and list(reply.identities) == [f"spiffe://{TD}/ns/{namespace}/sa/web"]
     finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await grpc_server.stop(0)
+        await api.close()
     assert (
         counters.registry.get_sample_value("policy_lookups_total", {"result": "unavailable"}) == 1
     )
+
+
+async def test_a_lookup_the_index_can_not_settle_yet_is_unavailable_and_says_why(
+    policy_server: server.Running,
+    trust: pathlib.Path,
+    core: client.CoreV1Api,
+    api: client.ApiClient,
+    namespace: str,
+) -> None:
+    """An endpoint naming a pod the server has not seen: "retry", never "plaintext"."""
+    service_accounts(core, namespace, "web")
+    (web_ip,) = free_ips(1)
+    created = core.create_namespaced_service(
+        namespace, {"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}}
+    )
+    body = endpoint_slice(
+        "web-manual", "web", [(web_ip, True)], [("", 80)], namespace, pods={web_ip: "web-0"}
+    )
+    EndpointSlices(api, namespace).put(body)
+    caller = workload_certificate(trust, "apps")
+    port, address = policy_server.port, created.spec.cluster_ip
+
+    async def refusal() -> grpc.aio.AioRpcError | None:
+        try:
+            await lookup(port, trust, caller, address, 80)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        return None
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while (refused := await refusal()) is None:
+        assert loop.time() < deadline, "the lookup never said it can not tell yet"
+        await asyncio.sleep(0.05)
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert str(refused.details()) == (
+        f"the policy server can not tell yet whether {address} port 80 is meshed: "
+        f"EndpointSlice {namespace}/web-manual lists pod {namespace}/web-0, which the server "
+        "has not seen yet; retry shortly, and meanwhile do not guess"
+    )
+    create_pod(core, namespace, pod_spec("web-0", namespace), web_ip)
+    deadline = loop.time() + 10
+    while (refused := await refusal()) is not None:
+        assert loop.time() < deadline, f"still refused once web-0 exists: {refused.details()}"
+        await asyncio.sleep(0.05)
+    reply = await lookup(port, trust, caller, address, 80)
+    assert reply.meshed and list(reply.identities) == [f"spiffe://{TD}/ns/{namespace}/sa/web"]
 
 
 def pod_with_status(name: str, namespace: str, ip: str) -> dict[str, object]:
     pod = pod_spec(name, namespace)
     pod["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
     return pod
+
+
+async def test_a_background_task_that_fails_is_logged_counted_and_started_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A task that dies of a bug must not leave the server answering from a frozen picture."""
+    counters = metrics.Metrics()
+    runs: list[int] = []
+    restarted = asyncio.Event()
+
+    async def flaky() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise KeyError("a bug")
+        if len(runs) == 2:
+            return  # ends without being asked to
+        restarted.set()
+        await asyncio.Event().wait()
+
+    task = asyncio.get_running_loop().create_task(server.supervised("flaky", flaky, counters, 0.01))
+    try:
+        await asyncio.wait_for(restarted.wait(), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert counters.registry.get_sample_value("policy_task_failures_total", {"task": "flaky"}) == 2
+    failed = [r for r in caplog.records if r.name == server.__name__]
+    assert [r.levelno for r in failed] == [logging.ERROR, logging.ERROR]
+    assert "the flaky task failed; starting it again" in failed[0].getMessage()
+    assert failed[0].exc_info is not None and "a bug" in str(failed[0].exc_info[1])
+    assert "the flaky task ended by itself; starting it again" in failed[1].getMessage()

@@ -5,10 +5,12 @@ tells proxies which destinations are meshed and who must answer there (``Lookup`
 
     documents   the latest valid document per namespace, handed to watchers newest-only
     configmaps  the meshward-policy ConfigMaps of every namespace: list, watch, re-list
-    destinations  meshed pod and Service addresses from pods, Services, EndpointSlices (Lookup)
+    destinations  meshed pod and Service addresses from pods, Services, EndpointSlices (Lookup),
+                and whether that picture is still fresh
     reports     the latest trust-state report of each proxy, checked, expired when stale
     publisher   those reports as meshward-proxies-<namespace> ConfigMaps in its own namespace
-    server      the Policy service over mutual TLS, health, admin endpoint, reloads
+    server      the Policy service over mutual TLS, health, admin endpoint, reloads, and the
+                supervision of its background tasks
     metrics     what it counts (watchers, updates sent, refusals, reports)
     commands    ``meshward policy serve``
 

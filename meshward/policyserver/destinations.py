@@ -11,23 +11,36 @@ plaintext and no pinned peer to one with). The answer, for an address and port:
   meshed unless that proxy-init leaves it alone (its admin port, ``--skip-inbound-ports``),
   and the identity is ``spiffe://<td>/ns/<ns>/sa/<serviceAccountName or default>``. An injected
   pod without a readable proxy-init has no inbound redirection, so its proxy takes nothing;
-- a Service cluster IP (``spec.clusterIPs``; headless and ExternalName Services have none):
-  the Service's TCP ``port`` is meshed when every ready endpoint (``conditions.ready`` not
-  false) of its EndpointSlices (label ``kubernetes.io/service-name``, same address family) has
-  a meshed-pod address for the slice's port of the same name, which is the resolved
-  ``targetPort``. The identities are those of these pods; no ready endpoint is not meshed;
+- an address kube-proxy forwards for a Service (``spec.clusterIPs``, ``spec.externalIPs``,
+  ``status.loadBalancer.ingress[].ip`` unless its ``ipMode`` is Proxy; headless and
+  ExternalName Services have none): the Service's TCP ``port`` is meshed when every endpoint
+  kube-proxy may send it to has a meshed pod behind it for the slice's port of the same name,
+  which is the resolved ``targetPort``. Those endpoints are, over the Service's EndpointSlices
+  (label ``kubernetes.io/service-name``) of the address's family, the ready ones
+  (``conditions.ready`` not false) or, when there is none, the terminating ones still serving
+  (``serving`` not false, ``terminating`` true), as kube-proxy 1.26+ falls back to them. The
+  pod behind an endpoint is its ``targetRef`` pod, which must hold the endpoint's addresses;
+  an endpoint without a pod ``targetRef`` is judged by the meshed pods holding its address.
+  The identities are those of these pods; no such endpoint is not meshed;
 - anything else, plaintext.
 
 When several meshed pods claim one IP (a pod gone, the API not yet told), each must take the
-port, and any of their identities may answer.
+port, and any of their identities may answer. When an endpoint names a pod this server has
+not seen (its watch of pods lags the one of EndpointSlices) or a pod that no longer holds the
+endpoint's address, the answer is :class:`Unsure` and the proxy is told to retry, not to guess.
 
 :class:`Index` is the pure part, fed API objects as plain camelCase dicts and keeping only
-what lookups need. :class:`Source` is the async edge: it lists and watches the three kinds
+what lookups need: every pod by key (meshed, or a marker that it is not, so that "not meshed"
+differs from "not seen yet"), Services, EndpointSlices, and the Service answers worked out
+since the last change. :class:`Source` is the async edge: it lists and watches the three kinds
 across all namespaces like :mod:`meshward.policyserver.configmaps` (a full paged list, a watch
 from its resourceVersion, a relist on 410 Gone or failure after a backoff), and sets
 ``synced`` once each kind has been listed; until then the server answers UNAVAILABLE rather
-than guess. Through an outage the answers held keep being given. EndpointSlices are read as
-discovery.k8s.io/v1, or v1beta1 from an API server without v1 (Kubernetes 1.20).
+than guess. Through a short outage the answers held keep being given; once any kind has gone
+:data:`STALE_AFTER` without a successful list, a watch event or an open watch,
+:meth:`Source.unavailable` says so, and the server answers UNAVAILABLE and reports not ready
+until it hears from the API server again. EndpointSlices are read as discovery.k8s.io/v1, or
+v1beta1 from an API server without v1 (Kubernetes 1.20).
 """
 
 from __future__ import annotations
@@ -40,8 +53,9 @@ import functools
 import ipaddress
 import logging
 import sys
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import aiohttp
 from kubernetes_asyncio import client
@@ -59,6 +73,13 @@ unnoticed: an IP reused by another pod is dialled with the old answer for at mos
 A stale "meshed" answer fails closed, since the new pod can not prove the pinned identity; a
 stale "plaintext" answer reaches a pod whose own proxy then applies its inbound policy."""
 TTL_MS = int(TTL * 1000)
+STALE_AFTER = 60.0
+"""Seconds any of the three kinds may go without a successful list, a watch event or an open
+watch before lookups are refused (UNAVAILABLE) and the server reports not ready. Answers held
+through a short outage (an API server restart, a leader change) are nearly always still right,
+so serving them keeps traffic flowing; after a minute of silence pods have likely been replaced
+and their IPs reused, and an old "plaintext" answer could send cleartext to a meshed pod. The
+proxies then fail closed instead of acting on a picture of the cluster that has gone stale."""
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PAGE = 500
 """Objects per list request: a page of pods is parsed whole, so this bounds that buffer."""
@@ -90,6 +111,23 @@ PLAIN = Answer(meshed=False)
 
 
 @dataclasses.dataclass(frozen=True)
+class Unsure:
+    """No answer yet: what the index holds does not settle it (``why`` says what is missing).
+    The caller is told to retry shortly, never plaintext."""
+
+    why: str
+
+
+class _Unmeshed(enum.Enum):
+    """The record of a pod that was seen and is not a meshed pod (see the module)."""
+
+    UNMESHED = "unmeshed"
+
+
+UNMESHED = _Unmeshed.UNMESHED
+
+
+@dataclasses.dataclass(frozen=True)
 class Pod:
     """A meshed pod: its IPs, SPIFFE ID, and the inbound ports its proxy does not take."""
 
@@ -101,6 +139,10 @@ class Pod:
         return not any(r.first <= port <= r.last for r in self.skipped)
 
 
+PodRecord = Pod | Literal[_Unmeshed.UNMESHED]
+"""What is held of each pod seen: the meshed pod, or the marker that it is not one."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ServicePort:
     name: str
@@ -109,21 +151,33 @@ class ServicePort:
 
 @dataclasses.dataclass(frozen=True)
 class Service:
-    """A Service's cluster IPs and TCP ports."""
+    """A Service's TCP ports and the addresses kube-proxy forwards them on: cluster IPs,
+    external IPs and load-balancer ingress IPs."""
 
-    cluster_ips: tuple[IP, ...]
+    addresses: tuple[IP, ...]
     ports: tuple[ServicePort, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class EndpointSlice:
-    """One slice of a Service's endpoints: its TCP ports by name and its ready endpoints'
-    addresses (an empty tuple for an endpoint whose address does not parse: not meshed)."""
+class Endpoint:
+    """One endpoint's addresses (empty when one does not parse: not meshed) and the pod its
+    ``targetRef`` names, if it names one."""
 
+    addresses: tuple[IP, ...]
+    pod: Key | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointSlice:
+    """One slice of a Service's endpoints: its TCP ports by name, its ready endpoints, and its
+    terminating endpoints that still serve (kube-proxy's fallback when none is ready)."""
+
+    name: str
     service: str
     family: int
     ports: tuple[ServicePort, ...]
-    ready: tuple[tuple[IP, ...], ...]
+    ready: tuple[Endpoint, ...]
+    terminating: tuple[Endpoint, ...] = ()
 
     def port_named(self, name: str) -> int | None:
         return next((p.port for p in self.ports if p.name == name), None)
@@ -282,35 +336,61 @@ def reduce_pod(obj: Mapping[str, Any], trust_domain: str) -> Pod | None:
 
 
 def reduce_service(obj: Mapping[str, Any]) -> Service | None:
-    """The Service's cluster IPs and TCP ports; None when it has neither."""
-    spec = _mapping(obj.get("spec"))
+    """The Service's TCP ports and the addresses kube-proxy forwards them on; None when it has
+    no cluster IP (headless, ExternalName: kube-proxy forwards nothing for it) or no TCP port."""
+    spec, status = _mapping(obj.get("spec")), _mapping(obj.get("status"))
     if spec.get("type") == "ExternalName":
         return None
     listed = spec.get("clusterIPs")
     raw = listed if isinstance(listed, list) and listed else [spec.get("clusterIP")]
-    ips = _ips(ip for ip in raw if ip != "None")
+    cluster_ips = _ips(ip for ip in raw if ip != "None")
     ports = _tcp_ports(spec.get("ports"))
-    if not ips or not ports:
+    if not cluster_ips or not ports:
         return None
-    return Service(cluster_ips=ips, ports=ports)
+    external = spec.get("externalIPs")
+    ingress = _mapping(status.get("loadBalancer")).get("ingress")
+    balanced = [
+        _mapping(entry).get("ip")
+        for entry in (ingress if isinstance(ingress, list) else ())
+        if _mapping(entry).get("ipMode") != "Proxy"  # delivered by the balancer, not kube-proxy
+    ]
+    others = _ips([*(external if isinstance(external, list) else ()), *balanced])
+    return Service(
+        addresses=(*cluster_ips, *(ip for ip in others if ip not in cluster_ips)), ports=ports
+    )
+
+
+def _endpoint(entry: Mapping[str, Any], namespace: str) -> Endpoint:
+    ref = _mapping(entry.get("targetRef"))
+    name, ref_namespace = ref.get("name"), ref.get("namespace") or namespace
+    pod = None
+    if ref.get("kind") == "Pod" and isinstance(name, str) and name:
+        pod = (sys.intern(str(ref_namespace)), sys.intern(name))
+    return Endpoint(_addresses(entry.get("addresses")), pod)
 
 
 def reduce_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice | None:
-    """The slice's Service, family, TCP ports and ready endpoints; None for a slice of no
-    Service or of FQDN addresses (which no cluster IP forwards to)."""
+    """The slice's Service, family, TCP ports, ready and serving terminating endpoints; None
+    for a slice of no Service or of FQDN addresses (which no cluster IP forwards to)."""
+    key = _key(obj)
     labels = _mapping(_mapping(obj.get("metadata")).get("labels"))
     service = labels.get(SERVICE_NAME_LABEL)
     family = _FAMILIES.get(str(obj.get("addressType")))
-    if not isinstance(service, str) or not service or family is None:
+    if key is None or not isinstance(service, str) or not service or family is None:
         return None
-    ready = []
+    ready, terminating = [], []
     endpoints = obj.get("endpoints")
     for endpoint in endpoints if isinstance(endpoints, list) else ():
         entry = _mapping(endpoint)
-        if _mapping(entry.get("conditions")).get("ready") is False:
-            continue
-        ready.append(_addresses(entry.get("addresses")))
-    return EndpointSlice(service, family, _tcp_ports(obj.get("ports")), tuple(ready))
+        conditions = _mapping(entry.get("conditions"))
+        # as the API defines them: ready and serving unset mean true, terminating unset false
+        if conditions.get("ready") is not False:
+            ready.append(_endpoint(entry, key[0]))
+        elif conditions.get("serving") is not False and conditions.get("terminating") is True:
+            terminating.append(_endpoint(entry, key[0]))
+    return EndpointSlice(
+        key[1], service, family, _tcp_ports(obj.get("ports")), tuple(ready), tuple(terminating)
+    )
 
 
 # -- the index --------------------------------------------------------------------------------
@@ -321,21 +401,22 @@ R = TypeVar("R")
 class _Table(Generic[R]):
     """One kind's reduced objects by key, and the keys under each secondary value (an IP, a
     Service). A full list is staged object by object, then replaces the table at once, so a
-    lookup never sees half of one."""
+    lookup never sees half of one. ``counted`` is how many records ``counts`` (what the
+    metrics show)."""
 
     def __init__(
         self,
         reduce: Callable[[Mapping[str, Any]], R | None],
         secondary: Callable[[Key, R], Iterable[Hashable]],
+        counts: Callable[[R], bool] = lambda _: True,
     ) -> None:
         self._reduce = reduce
         self._secondary = secondary
+        self._counts = counts
         self.records: dict[Key, R] = {}
+        self.counted = 0
         self._by: dict[Hashable, set[Key]] = {}
         self._staged: dict[Key, R] = {}
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def apply(self, event: str, obj: Mapping[str, Any]) -> None:
         """A watch event (ADDED, MODIFIED, DELETED) of one object."""
@@ -345,6 +426,7 @@ class _Table(Generic[R]):
         record = None if event == "DELETED" else self._reduce(obj)
         old = self.records.pop(key, None)
         if old is not None:
+            self.counted -= self._counts(old)
             for value in self._secondary(key, old):
                 keys = self._by.get(value)
                 if keys is not None:
@@ -367,7 +449,7 @@ class _Table(Generic[R]):
     def commit(self) -> None:
         """The staged list becomes the table."""
         staged, self._staged = self._staged, {}
-        self.records, self._by = {}, {}
+        self.records, self._by, self.counted = {}, {}, 0
         for key, record in staged.items():
             self._add(key, record)
 
@@ -376,23 +458,37 @@ class _Table(Generic[R]):
 
     def _add(self, key: Key, record: R) -> None:
         self.records[key] = record
+        self.counted += self._counts(record)
         for value in self._secondary(key, record):
             self._by.setdefault(value, set()).add(key)
 
 
+Result = Answer | Unsure
+
+
 class Index:
-    """The cluster's meshed pods, Services and EndpointSlices, reduced, and the lookups they
-    answer. Pure and synchronous: :class:`Source` feeds it, tests feed it dicts."""
+    """The cluster's pods, Services and EndpointSlices, reduced, and the lookups they answer.
+    Pure and synchronous: :class:`Source` feeds it, tests feed it dicts.
+
+    A Service's answer for an address family and port is worked out once and kept until
+    anything changes (``generation``): a big Service then costs one dict lookup, not a walk
+    over its endpoints at every connection."""
 
     def __init__(self, trust_domain: str) -> None:
         self.trust_domain = trust_domain
-        self._pods: _Table[Pod] = _Table(
-            functools.partial(reduce_pod, trust_domain=trust_domain), lambda _, pod: pod.ips
+        self.generation = 0
+        """Bumped by every change; the Service answers held are of one generation."""
+        self._pods: _Table[PodRecord] = _Table(
+            functools.partial(_pod_record, trust_domain=trust_domain),
+            lambda _, pod: pod.ips if isinstance(pod, Pod) else (),
+            lambda pod: isinstance(pod, Pod),
         )
-        self._services: _Table[Service] = _Table(reduce_service, lambda _, svc: svc.cluster_ips)
+        self._services: _Table[Service] = _Table(reduce_service, lambda _, svc: svc.addresses)
         self._slices: _Table[EndpointSlice] = _Table(
             reduce_endpoint_slice, lambda key, piece: [(key[0], piece.service)]
         )
+        self._answers: dict[tuple[Key, int, int], Result] = {}
+        self._answers_generation = 0
 
     def table(self, kind: Kind) -> _Table[Any]:
         tables: dict[Kind, _Table[Any]] = {
@@ -402,6 +498,10 @@ class Index:
         }
         return tables[kind]
 
+    def changed(self) -> None:
+        """Something held changed: the Service answers worked out so far are void."""
+        self.generation += 1
+
     def load(self, kind: Kind, objects: Iterable[Mapping[str, Any]]) -> None:
         """Replace what is held of ``kind`` by ``objects``, as a full list does."""
         table = self.table(kind)
@@ -409,50 +509,105 @@ class Index:
         for obj in objects:
             table.stage(obj)
         table.commit()
+        self.changed()
 
     def apply(self, kind: Kind, event: str, obj: Mapping[str, Any]) -> None:
         """One watch event: ADDED, MODIFIED or DELETED."""
         self.table(kind).apply(event, obj)
+        self.changed()
 
     def size(self, kind: Kind) -> int:
-        """Objects held: meshed pods, Services with cluster IPs, EndpointSlices of Services."""
-        return len(self.table(kind))
+        """Objects that lookups use: meshed pods, Services with cluster IPs, EndpointSlices of
+        Services."""
+        return self.table(kind).counted
 
-    def lookup(self, address: IP, port: int) -> Answer:
+    def lookup(self, address: IP, port: int) -> Result:
         """How a connection to ``address``:``port`` goes (see the module)."""
         services = self._services.find(address)
         if services:
-            answers = [self._service(key, svc, address.version, port) for key, svc in services]
-            return _all_of(answers)
-        return self._pod(address, port)
+            return _all_of(
+                [self._service(key, svc, address.version, port) for key, svc in services]
+            )
+        return self._at(address, port)
 
-    def _pod(self, address: IP, port: int) -> Answer:
+    def _at(self, address: IP, port: int) -> Answer:
+        """Judged by the meshed pods that hold ``address``."""
         pods = self._pods.find(address)
-        if not pods or not all(pod.takes(port) for _, pod in pods):
+        if not pods or not all(isinstance(pod, Pod) and pod.takes(port) for _, pod in pods):
             return PLAIN
-        return Answer(True, tuple(sorted({pod.identity for _, pod in pods})))
+        return Answer(
+            True, tuple(sorted({pod.identity for _, pod in pods if isinstance(pod, Pod)}))
+        )
 
-    def _service(self, key: Key, service: Service, family: int, port: int) -> Answer:
+    def _service(self, key: Key, service: Service, family: int, port: int) -> Result:
         named = next((p.name for p in service.ports if p.port == port), None)
         if named is None:
             return PLAIN
-        answers = []
+        if self._answers_generation != self.generation:
+            self._answers.clear()
+            self._answers_generation = self.generation
+        memo = (key, family, port)
+        found = self._answers.get(memo)
+        if found is None:
+            found = self._answers[memo] = self._endpoints(key, named, family)
+        return found
+
+    def _endpoints(self, key: Key, named: str, family: int) -> Result:
+        """Judged by the endpoints kube-proxy sends the Service's port ``named`` to: the ready
+        ones, else the serving terminating ones."""
+        ready: list[tuple[EndpointSlice, Endpoint, int]] = []
+        terminating: list[tuple[EndpointSlice, Endpoint, int]] = []
         for _, piece in self._slices.find(key):
             target = piece.port_named(named)
             if piece.family != family or target is None:
                 continue
-            for addresses in piece.ready:
-                if not addresses:
-                    return PLAIN
-                answers += [self._pod(address, target) for address in addresses]
-        return _all_of(answers)
+            ready += [(piece, endpoint, target) for endpoint in piece.ready]
+            terminating += [(piece, endpoint, target) for endpoint in piece.terminating]
+        return _all_of([self._endpoint(key[0], *chosen) for chosen in ready or terminating])
+
+    def _endpoint(
+        self, namespace: str, piece: EndpointSlice, endpoint: Endpoint, port: int
+    ) -> Result:
+        if not endpoint.addresses:
+            return PLAIN
+        if endpoint.pod is None:
+            return _all_of([self._at(address, port) for address in endpoint.addresses])
+        pod = self._pods.records.get(endpoint.pod)
+        shown = "/".join(endpoint.pod)
+        if pod is None:
+            return Unsure(
+                f"EndpointSlice {namespace}/{piece.name} lists pod {shown}, which the server "
+                "has not seen yet"
+            )
+        if pod is UNMESHED:
+            return PLAIN
+        if not all(address in pod.ips for address in endpoint.addresses):
+            return Unsure(
+                f"EndpointSlice {namespace}/{piece.name} lists pod {shown} at "
+                f"{', '.join(map(str, endpoint.addresses))}, which that pod does not hold"
+            )
+        return Answer(True, (pod.identity,)) if pod.takes(port) else PLAIN
 
 
-def _all_of(answers: list[Answer]) -> Answer:
-    """Meshed when there is at least one answer and all are meshed; their identities."""
-    if not answers or not all(answer.meshed for answer in answers):
+def _pod_record(obj: Mapping[str, Any], trust_domain: str) -> PodRecord:
+    return reduce_pod(obj, trust_domain) or UNMESHED
+
+
+def _all_of(answers: list[Result]) -> Result:
+    """Meshed when there is at least one answer and all are meshed, with their identities;
+    plain when one is plain; otherwise (one is unsure) unsure."""
+    if not answers:
         return PLAIN
-    return Answer(True, tuple(sorted({i for answer in answers for i in answer.identities})))
+    unsure = None
+    identities: set[str] = set()
+    for answer in answers:
+        if isinstance(answer, Unsure):
+            unsure = unsure or answer
+        elif not answer.meshed:
+            return PLAIN
+        else:
+            identities.update(answer.identities)
+    return unsure or Answer(True, tuple(sorted(identities)))
 
 
 # -- the async edge: list and watch -----------------------------------------------------------
@@ -470,14 +625,22 @@ class _Resource:
 class Source:
     """Keeps an :class:`Index` equal to the cluster's Pods, Services and EndpointSlices.
     ``synced`` is set once each kind has been listed in full; before that, an address may be
-    meshed without the index knowing it yet."""
+    meshed without the index knowing it yet. :meth:`unavailable` says when lookups must not be
+    answered: before that, or once the index has gone stale (see :data:`STALE_AFTER`)."""
 
-    def __init__(self, api: client.ApiClient, index: Index, counters: metrics.Metrics) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        index: Index,
+        counters: metrics.Metrics,
+        stale_after: float = STALE_AFTER,
+    ) -> None:
         # Any: called with _preload_content=False they return the raw aiohttp response.
         core: Any = client.CoreV1Api(api)
         host = str(api.configuration.host)
         self.index = index
         self.synced = asyncio.Event()
+        self._stale_after = stale_after
         self._followers = (
             _Follower(
                 _Resource(Kind.PODS, "Pods", "pods"),
@@ -509,6 +672,22 @@ class Source:
         async with asyncio.TaskGroup() as group:
             for follower in self._followers:
                 group.create_task(follower.run(self._listed))
+
+    def unavailable(self) -> str | None:
+        """Why lookups can not be answered now (completing "the policy server ..."), or None
+        when they can."""
+        if not self.synced.is_set():
+            return "has not yet listed the cluster's pods, services and endpointslices"
+        now = time.monotonic()
+        silent = [(f.silent_for(now), f.resource.title) for f in self._followers]
+        stale = [(seconds, title) for seconds, title in silent if seconds > self._stale_after]
+        if not stale:
+            return None
+        return (
+            f"has not heard from the API server about {', '.join(t for _, t in stale)} for "
+            f"{max(seconds for seconds, _ in stale):.0f} s (more than {self._stale_after:g} s), "
+            "so what it holds may be out of date"
+        )
 
     def _listed(self) -> None:
         if not self.synced.is_set() and all(f.listed for f in self._followers):
@@ -583,7 +762,7 @@ class _EndpointSlices:
 
 class _Follower:
     """One kind, followed as :class:`meshward.policyserver.configmaps.ConfigMapSource`
-    follows the ConfigMaps."""
+    follows the ConfigMaps, noting when it last heard from the API server."""
 
     def __init__(
         self,
@@ -597,8 +776,16 @@ class _Follower:
         self.listed = False
         self._call = call
         self._host = host
+        self._index = index
         self._table = index.table(resource.kind)
         self._metrics = counters
+        self._heard = time.monotonic()
+        self._watching = False
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last list page or watch event, or since an open watch closed; 0
+        while a watch is open."""
+        return 0.0 if self._watching else max(0.0, now - self._heard)
 
     async def run(self, on_listed: Callable[[], None]) -> None:
         failures = 0
@@ -621,11 +808,12 @@ class _Follower:
                 delay = configmaps.backoff(failures)
                 log = logger.warning if failures == 1 else logger.debug
                 log(
-                    "can not follow the cluster's %s (%s); answering lookups from the %d held, "
-                    "retrying in %.1f s",
+                    "can not follow the cluster's %s (%s); answering lookups from the %d held "
+                    "for up to %g s, retrying in %.1f s",
                     self.resource.title,
                     exc,
-                    len(self._table),
+                    self._table.counted,
+                    STALE_AFTER,
                     delay,
                 )
                 await asyncio.sleep(delay)
@@ -645,6 +833,7 @@ class _Follower:
                 body = configmaps.parse_json(
                     await configmaps.read_all(page, self._host), f"a list of {self.resource.title}"
                 )
+                self._heard = time.monotonic()
                 items = body.get("items")
                 for item in items if isinstance(items, list) else ():
                     if isinstance(item, Mapping):
@@ -653,8 +842,11 @@ class _Follower:
                 token = meta.get("continue") or None
                 if token is None:
                     self._table.commit()
+                    self._index.changed()
                     self._count()
-                    logger.debug("listed %d %s of interest", len(self._table), self.resource.title)
+                    logger.debug(
+                        "listed %d %s of interest", self._table.counted, self.resource.title
+                    )
                     return str(meta.get("resourceVersion") or "")
         finally:
             self._table.discard_staged()
@@ -670,6 +862,7 @@ class _Follower:
                 timeout_seconds=configmaps.WATCH_TIMEOUT,
                 _request_timeout=(configmaps.CONNECT_TIMEOUT, configmaps.WATCH_TIMEOUT + 60),
             )
+            self._watching = True
             try:
                 async for event in configmaps.events(response, self._host):
                     kind = event.get("type")
@@ -688,13 +881,15 @@ class _Follower:
                         )
                     version = str(_mapping(obj.get("metadata")).get("resourceVersion") or version)
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self._table.apply(str(kind), obj)
+                        self._index.apply(self.resource.kind, str(kind), obj)
                         self._count()
             finally:
+                self._watching = False
+                self._heard = time.monotonic()
                 response.release()
 
     def _count(self) -> None:
-        self._metrics.destinations.labels(kind=self.resource.kind).set(len(self._table))
+        self._metrics.destinations.labels(kind=self.resource.kind).set(self._table.counted)
 
     async def _request(self, what: str, **kwargs: Any) -> aiohttp.ClientResponse:
         return await configmaps.request(

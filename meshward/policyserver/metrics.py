@@ -71,3 +71,15 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        self.task_failures = prometheus_client.Counter(
+            "policy_task_failures",
+            "Background tasks (ConfigMap and destination watches, reloads, publishing, "
+            "readiness) that ended with an unexpected error and were restarted, by task",
+            ["task"],
+            registry=self.registry,
+        )
+        self.ready = prometheus_client.Gauge(
+            "policy_ready",
+            "1 while the server reports ready: everything listed, destination lookups not stale",
+            registry=self.registry,
+        )

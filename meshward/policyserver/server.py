@@ -8,7 +8,9 @@ trust state are taken the same way, each for the caller's own namespace only, an
 as ConfigMaps in the server's own namespace (:mod:`meshward.policyserver.publisher`). Any mesh
 workload of the trust domain may look up whether a destination is meshed and which identity
 must answer there (:mod:`meshward.policyserver.destinations`), once the server has listed the
-cluster's pods, Services and EndpointSlices.
+cluster's pods, Services and EndpointSlices and while it keeps hearing about them; otherwise
+the lookup is refused (UNAVAILABLE) and the server reports not ready, so proxies fail closed.
+Every background task is supervised: one that fails is logged, counted and started again.
 
 The serving certificate is issued from the mesh issuer like the identity service's (see
 :mod:`meshward.identity.serving`), and the anchors it requires of clients follow the trust
@@ -27,7 +29,8 @@ import os
 import pathlib
 import re
 import socket
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
 import yaml
@@ -47,6 +50,11 @@ SERVICE = "meshward.policy.v1.Policy"
 NAMESPACE, SERVICE_ACCOUNT = "meshward", "meshward-policy"
 """Where the server runs, and as whom: its mesh identity name is its default server name."""
 RELOAD_INTERVAL = 1.0
+READINESS_INTERVAL = 1.0
+"""Seconds between checks, once ready, that destination lookups have not gone stale."""
+RESTART_MIN, RESTART_MAX = 1.0, 30.0
+"""Seconds before a background task that failed unexpectedly is started again: doubled at
+each failure in a row, up to the maximum."""
 WATCHED = (
     ("", "configmaps", compiled.CONFIGMAP_NAME),
     ("", "pods", None),
@@ -97,6 +105,9 @@ class Settings:
     environment variable, else the host name."""
     report_expiry: float = reports.EXPIRY
     """Seconds after which a pod that stopped reporting is forgotten."""
+    lookups_stale_after: float = destinations.STALE_AFTER
+    """Seconds without news from the API server about pods, Services or EndpointSlices after
+    which lookups are refused and the server reports not ready."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,15 +219,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         counters: metrics.Metrics,
         trust_domain: str,
         held: reports.Reports,
-        lookups: destinations.Index,
-        lookups_synced: asyncio.Event,
+        lookups: destinations.Source,
     ) -> None:
         self._store = store
         self._metrics = counters
         self._trust_domain = trust_domain
         self._reports = held
         self._destinations = lookups
-        self._destinations_synced = lookups_synced
         self._refusals_logged: set[tuple[str, str, str]] = set()
 
     async def Watch(
@@ -289,15 +298,24 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             self._log_refusal("lookup", who, code, exc)
             await context.abort(code, str(exc))
             raise  # abort raises; this line is never reached
-        if not self._destinations_synced.is_set():
+        why = self._destinations.unavailable()
+        if why is not None:
             self._metrics.lookups.labels(result="unavailable").inc()
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                "the policy server has not yet listed the cluster's pods, services and "
-                "endpointslices, so it can not tell whether a destination is meshed: retry "
-                "shortly, and meanwhile do not guess",
+                f"the policy server {why}, so it can not tell whether a destination is meshed: "
+                "retry shortly, and meanwhile do not guess",
             )
-        answer = self._destinations.lookup(address, port)
+        answer = self._destinations.index.lookup(address, port)
+        if isinstance(answer, destinations.Unsure):
+            self._metrics.lookups.labels(result="unavailable").inc()
+            logger.debug("lookup of %s port %d unanswered: %s", address, port, answer.why)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the policy server can not tell yet whether {address} port {port} is meshed: "
+                f"{answer.why}; retry shortly, and meanwhile do not guess",
+            )
+            raise  # abort raises; this line is never reached
         self._metrics.lookups.labels(result="meshed" if answer.meshed else "plain").inc()
         logger.debug(
             "lookup by %s: %s port %d is %s",
@@ -337,8 +355,9 @@ class Running:
     destinations: destinations.Index
     """What destination lookups are answered from."""
     synced: asyncio.Event
-    """Set once every namespace's ConfigMap and the cluster's pods, Services and
-    EndpointSlices have been read (then the server reports ready)."""
+    """Set while the server reports ready: once every namespace's ConfigMap and the cluster's
+    pods, Services and EndpointSlices have been read, and cleared while destination lookups
+    are stale (see :meth:`meshward.policyserver.destinations.Source.unavailable`)."""
     _cleanup: contextlib.AsyncExitStack
 
     async def stop(self) -> None:
@@ -371,22 +390,74 @@ async def _reload(
             failing = False
 
 
-async def _become_ready(
+async def _readiness(
     synced: Sequence[asyncio.Event],
+    lookups: destinations.Source,
     health_servicer: health.aio.HealthServicer,
     ready: asyncio.Event,
+    counters: metrics.Metrics,
 ) -> None:
+    """Report ready (gRPC health, /ready) once everything has been listed, and not ready while
+    destination lookups are refused as stale: the proxies then fail closed, and a Service in
+    front of several replicas sends them to one that is not stale."""
     for event in synced:
         await event.wait()
-    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    ready.set()
+    serving: bool | None = None
+    while True:
+        why = lookups.unavailable()
+        if (why is None) != serving:
+            if why is not None:
+                logger.error("not ready: the policy server %s", why)
+            elif serving is False:
+                logger.info("ready again: destination lookups are answered")
+            serving = why is None
+            status = health_pb2.HealthCheckResponse.SERVING
+            if not serving:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            await health_servicer.set(SERVICE, status)
+            await health_servicer.set("", status)
+            counters.ready.set(1 if serving else 0)
+            (ready.set if serving else ready.clear)()
+        await asyncio.sleep(READINESS_INTERVAL)
+
+
+async def supervised(
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    counters: metrics.Metrics,
+    pause: float = RESTART_MIN,
+) -> None:
+    """Run ``run()`` until cancelled, starting it again after a pause (``pause`` seconds,
+    doubled at each failure in a row) whenever it fails with an unexpected exception or ends:
+    logged with its traceback and counted in ``policy_task_failures``. A background task must
+    never stop silently and leave the server answering from a picture that no longer moves."""
+    failures = 0
+    while True:
+        started = time.monotonic()
+        failure: Exception | None = None
+        try:
+            await run()
+        except Exception as exc:  # noqa: BLE001 - any failure is logged, counted, retried
+            failure = exc
+        if time.monotonic() - started > RESTART_MAX:
+            failures = 0
+        failures += 1
+        counters.task_failures.labels(task=name).inc()
+        delay = min(RESTART_MAX, pause * 2.0 ** (failures - 1))
+        logger.error(
+            "the %s task %s; starting it again in %.0f s",
+            name,
+            "failed" if failure else "ended by itself",
+            delay,
+            exc_info=failure,
+        )
+        await asyncio.sleep(delay)
 
 
 async def start(settings: Settings) -> Running:
     """Check settings, trust material and RBAC, then serve; raises before serving if any is
     wrong. The server is ready once the ConfigMaps, pods, Services and EndpointSlices have been
-    read (``Running.synced``)."""
+    read, and while destination lookups are not stale (``Running.synced``)."""
     own = own_identity(settings.trust_domain)  # also checks the trust domain
     instance = _instance(settings)
     source = authority.FileSource(settings.issuer_dir, settings.anchors_file)
@@ -414,12 +485,12 @@ async def start(settings: Settings) -> Running:
         watch = configmaps.ConfigMapSource(api, store, counters)
         held = reports.Reports(counters, expiry=settings.report_expiry)
         index = destinations.Index(settings.trust_domain)
-        lookups = destinations.Source(api, index, counters)
+        lookups = destinations.Source(api, index, counters, settings.lookups_stale_after)
         publishing = publisher.Publisher(api, held, counters, settings.namespace, instance)
 
         server = grpc.aio.server(options=OPTIONS)
         policy_pb2_grpc.add_PolicyServicer_to_server(  # type: ignore[no-untyped-call]
-            PolicyServicer(store, counters, settings.trust_domain, held, index, lookups.synced),
+            PolicyServicer(store, counters, settings.trust_domain, held, lookups),
             server,
         )
         stack.push_async_callback(server.stop, 1.0)
@@ -441,12 +512,18 @@ async def start(settings: Settings) -> Running:
         admin_port = int(admin.addresses[0][1])
 
         loop = asyncio.get_running_loop()
+        background: dict[str, Callable[[], Awaitable[None]]] = {
+            "configmaps": watch.run,
+            "destinations": lookups.run,
+            "reload": lambda: _reload(source, material, certificate),
+            "readiness": lambda: _readiness(
+                (watch.synced, lookups.synced), lookups, health_servicer, ready, counters
+            ),
+            "publisher": publishing.run,
+        }
         tasks = [
-            loop.create_task(watch.run()),
-            loop.create_task(lookups.run()),
-            loop.create_task(_reload(source, material, certificate)),
-            loop.create_task(_become_ready((watch.synced, lookups.synced), health_servicer, ready)),
-            loop.create_task(publishing.run()),
+            loop.create_task(supervised(name, run, counters), name=f"policy-{name}")
+            for name, run in background.items()
         ]
 
         async def cancel() -> None:

@@ -85,11 +85,14 @@ class PolicyServicer:
         """Lookup says how an outbound connection to an address and port should go: over mesh TLS to
         a proxy that must prove one of the returned identities, or in plaintext because nothing
         meshed answers there. An address is meshed when it is the IP of a running pod whose proxy
-        takes that port (injected, not hostNetwork, the port not skipped by proxy-init), or the
-        cluster IP of a Service whose ready endpoints for that port are all such pods. Any mesh
-        workload may look up any address. Errors: INVALID_ARGUMENT for an address that is not an IP
-        literal or a port outside 1..65535, UNAUTHENTICATED as for Watch, UNAVAILABLE while the
-        server has not yet listed the cluster's pods and services (the caller must not guess).
+        takes that port (injected, not hostNetwork, the port not skipped by proxy-init), or a cluster,
+        external or load-balancer IP of a Service whose ready endpoints for that port (its serving
+        terminating ones when none is ready) are all such pods. Any mesh workload may look up any
+        address. Errors: INVALID_ARGUMENT for an address that is not an IP literal or a port outside
+        1..65535, UNAUTHENTICATED as for Watch, UNAVAILABLE while the server has not yet listed the
+        cluster's pods, Services and EndpointSlices, while what it holds is stale (no list or watch
+        for 60 s), or when an endpoint names a pod it has not seen yet. On UNAVAILABLE the caller
+        must not guess plaintext.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
