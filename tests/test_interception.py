@@ -17,7 +17,7 @@ import pytest
 
 from meshward import errors
 from meshward.demo import _iptables
-from meshward.proxy import inbound, interception, original_dst, outbound, transparent
+from meshward.proxy import inbound, interception, networks, original_dst, outbound, transparent
 from meshward.proxy import proxy_init as proxy_init_module
 
 DEFAULT_RULES = [
@@ -308,15 +308,15 @@ def test_a_connection_that_was_not_redirected_has_no_original_destination(
 
 
 def test_mesh_networks() -> None:
-    networks = transparent.parse_mesh_networks("")
-    assert [str(n) for n in networks] == transparent.DEFAULT_MESH_NETWORKS.split(",")
+    defaults = networks.parse_mesh_networks("")
+    assert [str(n) for n in defaults] == networks.DEFAULT_MESH_NETWORKS.split(",")
     with pytest.raises(errors.ConfigError) as caught:
-        transparent.parse_mesh_networks("10.0.0.0/8,10.0.0.0/33", "MESH")
+        networks.parse_mesh_networks("10.0.0.0/8,10.0.0.0/33", "MESH")
     assert "MESH has '10.0.0.0/33', which is not a network" in str(caught.value)
     side = transparent.Transparent(
         inbound_side=_inbound(),
         outbound_side=outbound.Outbound(client_context=lambda: None),
-        mesh_networks=transparent.parse_mesh_networks("10.77.0.128/25, fd00::/8"),
+        mesh_networks=networks.parse_mesh_networks("10.77.0.128/25, fd00::/8"),
     )
     assert side.meshed("10.77.0.130") and side.meshed("fd00::1")
     assert not side.meshed("10.77.0.1") and not side.meshed("8.8.8.8") and not side.meshed("::1")

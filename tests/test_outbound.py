@@ -10,7 +10,7 @@ import pytest
 
 from meshward.proxy import outbound, tls
 from tests import builders
-from tests.test_inbound import ALLOW_VOTE_BOT, STRICT, compiled, settled, sink, workload
+from tests.test_inbound import ALLOW_VOTE_BOT, STRICT, compiled, sample, settled, sink, workload
 from tests.test_proxy_tls import Mesh
 
 WEB = "spiffe://cluster.local/ns/app/sa/web"
@@ -75,6 +75,7 @@ async def test_a_peer_proving_one_of_the_expected_identities_gets_through(
         assert await call(proxy, route) == b"vote\n"
         assert (await settled(inbound)).allowed == 1
     assert (proxy.counters.connected, proxy.counters.refused_identity) == (1, 0)
+    assert sample(proxy.metrics, "outbound_tls_peer_refused_total") == 0
 
 
 @pytest.mark.parametrize("expected", [frozenset({DB, API}), frozenset()], ids=["others", "none"])
@@ -90,6 +91,12 @@ async def test_a_peer_outside_the_expected_identities_gets_nothing(
         await settled(inbound)
     assert received in ([], [b""])  # not a byte of the application's reached the peer
     assert (proxy.counters.connected, proxy.counters.refused_identity) == (0, 1)
+    refused = {
+        reason: sample(proxy.metrics, "outbound_tls_peer_refused_total", reason=reason)
+        for reason in ("identity", "no_identity")
+    }
+    assert refused == {"identity": 1, "no_identity": 0}
+    assert sample(proxy.metrics, "tls_handshake_failures_total", direction="outbound") == 0
 
 
 def test_a_route_takes_a_set_of_identities_not_a_string() -> None:
@@ -150,6 +157,11 @@ async def test_a_peer_without_mesh_identity_is_refused_even_with_no_expectation(
     finally:
         server.close()
     assert (proxy.counters.connected, proxy.counters.refused_identity) == (0, 1)
+    refused = {
+        reason: sample(proxy.metrics, "outbound_tls_peer_refused_total", reason=reason)
+        for reason in ("identity", "no_identity")
+    }
+    assert refused == {"identity": 0, "no_identity": 1}
 
 
 async def test_outbound_counts_connections_bytes_and_failed_handshakes(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import pathlib
+import re
 import shutil
 import ssl
 import subprocess
@@ -494,6 +495,67 @@ def test_identity_refuses_bad_parts(
 ) -> None:
     with pytest.raises(InvalidIdentity):
         pki.Identity(namespace, service_account, trust_domain)
+
+
+@pytest.mark.parametrize(
+    ("text", "namespace", "service_account", "trust_domain"),
+    [
+        ("spiffe://cluster.local/ns/default/sa/web", "default", "web", TD),
+        ("spiffe://example.org/ns/team-1/sa/api-v2", "team-1", "api-v2", "example.org"),
+        ("spiffe://td/ns/0/sa/1", "0", "1", "td"),
+    ],
+)
+def test_identity_from_spiffe_id_accepts(
+    text: str, namespace: str, service_account: str, trust_domain: str
+) -> None:
+    identity = pki.Identity.from_spiffe_id(text)
+    assert identity == pki.Identity(namespace, service_account, trust_domain)
+    assert identity.spiffe_id == text  # it renders back to what was parsed
+    assert pki.Identity.from_spiffe_id(text, trust_domain) == identity
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("spiffe://cluster.local/ns/default/sa/web/extra", "expected spiffe://<trust domain>/ns/"),
+        ("spiffe://cluster.local/ns/default/sa/", "its service account is not a DNS-1123"),
+        ("spiffe://cluster.local/sa/web/ns/default", "expected spiffe://<trust domain>/ns/"),
+        ("spiffe://cluster.local/ns/Default/sa/web", "its namespace is not a DNS-1123 label"),
+        ("spiffe://cluster.local/ns/default/sa/web_1", "its service account is not a DNS-1123"),
+        ("spiffe://Cluster.Local/ns/default/sa/web", "trust domain is not a lowercase DNS"),
+        ("spiffe://cluster.local:8443/ns/default/sa/web", "trust domain is not a lowercase DNS"),
+        ("spiffe:///ns/default/sa/web", "trust domain is not a lowercase DNS"),
+        ("SPIFFE://cluster.local/ns/default/sa/web", "expected spiffe://"),
+        ("https://cluster.local/ns/default/sa/web", "expected spiffe://"),
+        ("spiffe://cluster.local/ns/default/sa/web?x=1", "its service account is not a DNS-1123"),
+        ("spiffe://cluster.local/ns/default/sa/web#", "its service account is not a DNS-1123"),
+        ("spiffe://cluster.local/ns/default/sa/web%2F", "its service account is not a DNS-1123"),
+        ("web.default.serviceaccount.identity.meshward.cluster.local", "expected spiffe://"),
+        ("", "expected spiffe://"),
+        (f"spiffe://cluster.local/ns/default/sa/{'a' * 64}", "its service account is not a"),
+        (
+            f"spiffe://{'.'.join(['d' * 60] * 3)}/ns/{'n' * 63}/sa/{'s' * 63}",
+            "DNS form would be longer than 253 characters",
+        ),
+    ],
+    ids=lambda value: value[:48] or "empty",
+)
+def test_identity_from_spiffe_id_refuses(text: str, says: str) -> None:
+    with pytest.raises(InvalidIdentity, match=re.escape(says)) as caught:
+        pki.Identity.from_spiffe_id(text)
+    assert len(str(caught.value)) < 500  # an untrusted name is quoted, not repeated in full
+
+
+def test_identity_from_spiffe_id_insists_on_the_trust_domain_asked_for() -> None:
+    says = "of trust domain 'example.org', not 'cluster.local'"
+    with pytest.raises(InvalidIdentity, match=re.escape(says)):
+        pki.Identity.from_spiffe_id("spiffe://example.org/ns/default/sa/web", TD)
+    # A suffix or prefix of the trust domain is another trust domain.
+    for other in ("local", "cluster.local.evil", "evil-cluster.local"):
+        with pytest.raises(InvalidIdentity, match="only identities of this mesh's trust domain"):
+            pki.Identity.from_spiffe_id(f"spiffe://{other}/ns/default/sa/web", TD)
+    with pytest.raises(InvalidIdentity, match="fix the trust domain setting"):
+        pki.Identity.from_spiffe_id(WEB.spiffe_id, "Cluster.Local")
 
 
 # -- anchors and issuers ---------------------------------------------------------------------

@@ -49,6 +49,9 @@ CLOCK_SKEW = datetime.timedelta(seconds=20)
 DEFAULT_LEAF_LIFETIME = datetime.timedelta(hours=24)
 _MAX_DNS_NAME = 253
 _MAX_COMMON_NAME = 64  # ub-common-name, RFC 5280 appendix A
+_MAX_SHOWN = 100
+"""Characters of an untrusted name quoted in an error at most."""
+_SPIFFE_SCHEME = "spiffe://"
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
 
@@ -123,6 +126,48 @@ class Identity:
             )
         service_account, namespace = parts
         return cls(namespace=namespace, service_account=service_account, trust_domain=trust_domain)
+
+    @classmethod
+    def from_spiffe_id(cls, text: str, trust_domain: str | None = None) -> Identity:
+        """Parse a workload's SPIFFE ID, ``spiffe://<trust domain>/ns/<ns>/sa/<sa>``, as
+        :attr:`spiffe_id` renders it: lowercase, nothing before or after, every part checked
+        as the constructor checks it. With ``trust_domain``, an ID of another trust domain is
+        refused too: an identity vouched for by another mesh is none of this one's.
+
+        Raises :class:`InvalidIdentity` saying which part is wrong.
+        """
+        if trust_domain is not None:
+            _check_trust_domain(trust_domain)
+        shown = repr(text[:_MAX_SHOWN]) + ("..." if len(text) > _MAX_SHOWN else "")
+        form = "spiffe://<trust domain>/ns/<namespace>/sa/<service account>"
+        parts = text.removeprefix(_SPIFFE_SCHEME).split("/")
+        if not text.startswith(_SPIFFE_SCHEME) or len(parts) != 5 or parts[1::2] != ["ns", "sa"]:
+            raise InvalidIdentity(f"{shown} is not a workload's SPIFFE ID: expected {form}")
+        domain, _, namespace, _, service_account = parts
+        if trust_domain is not None and domain != trust_domain:
+            raise InvalidIdentity(
+                f"{shown} is of trust domain {domain[:_MAX_SHOWN]!r}, not {trust_domain!r}: "
+                "only identities of this mesh's trust domain are accepted"
+            )
+        if not _is_dns_name(domain):
+            raise InvalidIdentity(
+                f"{shown} is not a workload's SPIFFE ID: its trust domain is not a lowercase "
+                f"DNS name (labels of a-z, 0-9 and '-', e.g. 'cluster.local'); expected {form}"
+            )
+        for what, value in (("namespace", namespace), ("service account", service_account)):
+            if not is_dns_label(value):
+                raise InvalidIdentity(
+                    f"{shown} is not a workload's SPIFFE ID: its {what} is not a DNS-1123 label "
+                    f"(1-63 characters of a-z, 0-9 and '-', starting and ending alphanumeric); "
+                    f"expected {form}"
+                )
+        dns_name = f"{service_account}.{namespace}.{IDENTITY_INFIX}.{domain}"
+        if len(dns_name) > _MAX_DNS_NAME:
+            raise InvalidIdentity(
+                f"{shown} names an identity whose DNS form would be longer than "
+                f"{_MAX_DNS_NAME} characters, the limit for a DNS name: use shorter names"
+            )
+        return cls(namespace=namespace, service_account=service_account, trust_domain=domain)
 
 
 def _expected_form(trust_domain: str) -> str:

@@ -12,6 +12,11 @@ Names follow Linkerd's proxy where it has one, so existing dashboards and alerts
                                                                 proxy reads from and writes to
                                                                 the client side
     tls_handshake_failures_total       by direction (no Linkerd equivalent)
+    outbound_tls_peer_refused_total    by reason: outbound peers whose chain verified but that
+                                       were refused before a byte was sent, as ``identity``
+                                       (it proved an identity outside the ones expected for
+                                       the destination) or ``no_identity`` (it named no mesh
+                                       identity); no Linkerd equivalent
     tcp_refused_over_limit_total       by direction: closed at once, the most connections open
     tcp_refused_source_limit_total     by direction: closed at once, the most undecided
                                        connections from that source address open
@@ -24,8 +29,10 @@ Names follow Linkerd's proxy where it has one, so existing dashboards and alerts
     outbound_discovery_total           transparent mode, by result: how outbound connections
                                        into the mesh networks went on the policy service's
                                        word (no Linkerd equivalent): meshed (mTLS, the peer's
-                                       identity pinned), plain (not meshed: plaintext) or
-                                       fallback (no answer: mTLS to any mesh identity)
+                                       identity pinned), plain (not meshed: plaintext),
+                                       stale (no answer now: mTLS pinned to the identities of
+                                       an expired meshed answer) or fallback (no answer: mTLS
+                                       to any mesh identity)
 
 Which counter a decision lands in follows what was decided, so that both outcomes on a port
 always count under the same protocol:
@@ -80,7 +87,8 @@ _AUTHZ_LABELS = (
 
 Direction = Literal["inbound", "outbound"]
 ReloadResult = Literal["ok", "invalid"]
-DiscoveryResult = Literal["meshed", "plain", "fallback"]
+DiscoveryResult = Literal["meshed", "plain", "stale", "fallback"]
+PeerRefusal = Literal["identity", "no_identity"]
 
 
 class Metrics:
@@ -118,6 +126,15 @@ class Metrics:
         self._handshake = prometheus_client.Counter(
             "tls_handshake_failures", "TLS handshakes that failed", ["direction"], registry=r
         )
+        self._peer_refused = prometheus_client.Counter(
+            "outbound_tls_peer_refused",
+            "Outbound peers refused after a verified handshake: an identity other than the ones "
+            "expected (identity) or no mesh identity at all (no_identity)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in get_args(PeerRefusal):
+            self._peer_refused.labels(reason)
         self._over_limit = prometheus_client.Counter(
             "tcp_refused_over_limit",
             "Connections closed at once because the most allowed were open",
@@ -159,7 +176,8 @@ class Metrics:
         self._discovery = prometheus_client.Counter(
             "outbound_discovery",
             "Outbound connections into the mesh networks, by what destination discovery "
-            "decided: meshed, plain, or fallback (no answer: mTLS to any mesh identity)",
+            "decided: meshed, plain, stale (no answer: pinned to an expired answer's "
+            "identities) or fallback (no answer: mTLS to any mesh identity)",
             ["result"],
             registry=r,
         )
@@ -219,6 +237,10 @@ class Metrics:
 
     def handshake_failed(self, direction: Direction) -> None:
         self._handshake.labels(direction).inc()
+
+    def peer_refused(self, reason: PeerRefusal) -> None:
+        """Count an outbound peer refused for ``reason`` after its chain verified."""
+        self._peer_refused.labels(reason).inc()
 
     def over_limit(self, direction: Direction) -> None:
         self._over_limit.labels(direction).inc()

@@ -120,6 +120,7 @@ class Outbound:
         # identity service's own certificate, say) is not a mesh workload.
         if seen is None or not route.admits(seen):
             self.counters.refused_identity += 1
+            self.metrics.peer_refused("no_identity" if seen is None else "identity")
             logger.warning(
                 "refused peer %s:%d: it is %s, expected %s",
                 route.host,

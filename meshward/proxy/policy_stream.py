@@ -12,20 +12,16 @@ server resends the current document at once, so the proxy catches up. The client
 read through a callable: while there is none the source waits, and when it renews the stream is
 reopened with the new one (the server ends a stream when the certificate that opened it expires).
 
-Every client of the policy service in the proxy (this stream, the trust-state reports of
-:mod:`meshward.proxy.report`, the destination lookups of :mod:`meshward.proxy.discovery`)
-authenticates the same way, so the channel is built here once: :func:`open_channel` for one
-connection's worth of use, :class:`Channel` for a caller of unary methods that keeps a channel
-and needs it replaced when the certificate renews or the trust bundle changes.
+The channel is built as every client of the policy service in the proxy builds it
+(:mod:`meshward.proxy.policy_channel`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import grpc
 
@@ -33,6 +29,7 @@ from meshward import errors
 from meshward.identity import pki
 from meshward.policy import compiled, decision, resources
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
+from meshward.proxy import policy_channel
 
 logger = logging.getLogger(__name__)
 
@@ -46,90 +43,6 @@ KEEPALIVE = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 
-RETIRE_GRACE = 2.0
-"""Seconds a replaced :class:`Channel` gives the calls still on it before it is closed."""
-
-Credentials = Callable[[], tuple[bytes, bytes] | None]
-"""Returns the workload's (private key PEM, certificate chain PEM), or None while it has none."""
-ChannelOptions = Sequence[tuple[str, int | str]]
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelTls:
-    """What a channel to the policy service is built from: the workload's key and certificate
-    chain (PEM) as its client certificate, and the trust anchors (PEM) that the server's
-    certificate must chain to."""
-
-    anchors: bytes
-    key: bytes
-    chain: bytes
-
-
-def check_address(address: str, server_name: str) -> None:
-    """Raise :class:`~meshward.errors.ConfigError` unless ``address`` is "host:port" and
-    ``server_name`` is set."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise errors.ConfigError(
-            f"policy server address {address!r} is not host:port, e.g. "
-            "'meshward-policy.meshward.svc.cluster.local:8090'"
-        )
-    if not server_name:
-        raise errors.ConfigError(
-            "the policy server name is empty: pass the DNS name in its certificate"
-        )
-
-
-def open_channel(
-    address: str, server_name: str, tls: ChannelTls, options: ChannelOptions = ()
-) -> grpc.aio.Channel:
-    """A channel to the policy service at ``address`` over mutual TLS: ``tls``'s certificate
-    as the client's, the server's verified against ``tls.anchors`` and ``server_name``."""
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=tls.anchors, private_key=tls.key, certificate_chain=tls.chain
-    )
-    return grpc.aio.secure_channel(
-        address, credentials, (("grpc.ssl_target_name_override", server_name), *options)
-    )
-
-
-class Channel:
-    """A channel to the policy service kept for unary calls, built from the TLS state asked
-    for: the same state reuses it, a different one (a renewed certificate, a new trust bundle)
-    replaces it. A replaced channel is closed after the calls on it had
-    :data:`RETIRE_GRACE` seconds to finish, so concurrent callers are not cut off."""
-
-    def __init__(self, address: str, server_name: str, options: ChannelOptions = ()) -> None:
-        check_address(address, server_name)
-        self.address = address
-        self.server_name = server_name
-        self._options = tuple(options)
-        self._channel: grpc.aio.Channel | None = None
-        self._tls: ChannelTls | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
-
-    def get(self, tls: ChannelTls) -> grpc.aio.Channel:
-        """The channel built from ``tls`` (a new one when the state differs from the last)."""
-        if self._channel is not None and self._tls == tls:
-            return self._channel
-        old = self._channel
-        self._channel = open_channel(self.address, self.server_name, tls, self._options)
-        self._tls = tls
-        if old is not None:
-            retiring = asyncio.get_running_loop().create_task(old.close(RETIRE_GRACE))
-            self._retiring.add(retiring)
-            retiring.add_done_callback(self._retiring.discard)
-        return self._channel
-
-    async def close(self) -> None:
-        """Close the channel and any being replaced (the next :meth:`get` opens another)."""
-        channel, self._channel, self._tls = self._channel, None, None
-        if channel is not None:
-            await channel.close()
-        retiring = list(self._retiring)
-        if retiring:
-            await asyncio.gather(*retiring, return_exceptions=True)
-
 
 class StreamSource:
     def __init__(
@@ -138,14 +51,14 @@ class StreamSource:
         server_name: str,
         namespace: str,
         anchors: bytes,
-        credentials: Credentials,
+        credentials: policy_channel.Credentials,
         *,
         on_update: Callable[[decision.Policy], None] | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         """Follow ``namespace``'s policy from the server at ``address`` ("host:port"), whose
         certificate must chain to ``anchors`` (PEM) and name ``server_name``."""
-        check_address(address, server_name)
+        policy_channel.check_address(address, server_name)
         if not resources.is_dns_label(namespace):
             raise errors.ConfigError(
                 f"namespace {namespace!r} is not a DNS-1123 label: pass the pod's namespace"
@@ -217,8 +130,10 @@ class StreamSource:
     async def _stream(self, credentials: tuple[bytes, bytes]) -> str | None:
         """One Watch: None when it ended because the certificate renewed, else why it failed."""
         key, chain = credentials
-        tls = ChannelTls(anchors=self._anchors, key=key, chain=chain)
-        async with open_channel(self.address, self.server_name, tls, KEEPALIVE) as channel:
+        tls = policy_channel.ChannelTls(anchors=self._anchors, key=key, chain=chain)
+        async with policy_channel.open_channel(
+            self.address, self.server_name, tls, KEEPALIVE
+        ) as channel:
             stub = policy_pb2_grpc.PolicyStub(channel)  # type: ignore[no-untyped-call]
             call = stub.Watch(policy_pb2.WatchRequest(namespace=self.namespace))
             loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ within :data:`CHECK_EVERY` seconds of the bundle or the leaf changing, and every
 seconds (30 by default) as a heartbeat, since the server forgets a proxy it has not heard from
 for three of them.
 
-Reports go over a channel of their own (:class:`meshward.proxy.policy_stream.Channel`) with
+Reports go over a channel of their own (:class:`meshward.proxy.policy_channel.Channel`) with
 the TLS set-up of the policy stream: the workload certificate as client certificate, the server
 verified against the trust bundle in force and the policy service's name. The channel is
 replaced when either changes, so a report never runs ahead of the TLS state it describes (it is
@@ -31,7 +31,7 @@ import grpc
 
 from meshward import trustbundle
 from meshward.policyserver._proto import policy_pb2, policy_pb2_grpc
-from meshward.proxy import identity, policy_stream
+from meshward.proxy import identity, policy_channel
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,11 @@ class Reporter:
         self._key = key
         self._certified = certified
         self._bundle = bundle
-        self._channel = policy_stream.Channel(address, server_name)
+        # A short reconnect backoff: after an outage, gRPC's default (up to 120 s) could miss
+        # the three heartbeats after which the server forgets the proxy.
+        self._channel = policy_channel.Channel(
+            address, server_name, policy_channel.reconnect_options()
+        )
         self._attempted: State | None = None
         self._failing: str | None = None
         """The status code name of the failure in progress, if any."""
@@ -166,7 +170,7 @@ class Reporter:
     ) -> policy_pb2_grpc.PolicyStub:
         """A stub on a channel with the certificate and bundle in force (a new channel when
         either changed since the last report)."""
-        tls = policy_stream.ChannelTls(
+        tls = policy_channel.ChannelTls(
             anchors=bundle.pem, key=self._key, chain=certified.chain_pem()
         )
         channel = self._channel.get(tls)

@@ -54,6 +54,7 @@ from meshward.proxy import (
     listener,
     metrics,
     outbound,
+    policy_channel,
     policy_source,
     policy_stream,
     report,
@@ -169,7 +170,7 @@ class Running:
 def _policy_source(
     config: settings.ProxySettings,
     on_update: Callable[[decision.Policy], None],
-    credentials: policy_stream.Credentials,
+    credentials: policy_channel.Credentials,
 ) -> PolicySource:
     """The file source for local runs, else the policy service, authenticated with the
     workload certificate (the stream waits until there is one)."""
@@ -281,6 +282,7 @@ async def start(config: settings.ProxySettings) -> Running:
             source.server_name,
             credentials,
             anchors=lambda: roots.current.pem,
+            trust_domain=config.trust_domain,
         )
         if config.transparent and isinstance(source, policy_stream.StreamSource)
         else None

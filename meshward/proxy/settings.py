@@ -74,7 +74,7 @@ from typing import Protocol, TypeVar
 from meshward import trustbundle
 from meshward.errors import ConfigError, IdentityError
 from meshward.identity import pki
-from meshward.proxy import transparent
+from meshward.proxy import networks
 
 IDENTITY_DIR = "MESHWARD_PROXY_IDENTITY_DIR"
 TRUST_ANCHORS = "MESHWARD_PROXY_IDENTITY_TRUST_ANCHORS"
@@ -218,7 +218,7 @@ class ProxySettings:
     and a proxy without it denies every inbound connection."""
     local_inbound: tuple[LocalInbound, ...] = ()
     local_outbound: tuple[LocalOutbound, ...] = ()
-    mesh_networks: tuple[transparent.Network, ...] = transparent.parse_mesh_networks("")
+    mesh_networks: tuple[networks.Network, ...] = networks.parse_mesh_networks("")
     """Transparent mode: where outbound connections go over mTLS."""
     trust_anchors_file: pathlib.Path | None = None
     """Where the trust bundle is mounted, followed as it changes; None: the anchors are fixed."""
@@ -291,7 +291,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProxySettings:
         local_inbound = read(LOCAL_INBOUND, lambda v: _local_inbound(v, inbound_host)) or ()
     if env.get(LOCAL_OUTBOUND, "").strip():
         local_outbound = read(LOCAL_OUTBOUND, lambda v: _local_outbound(v, outbound_host)) or ()
-    mesh_networks = transparent.parse_mesh_networks("")
+    mesh_networks = networks.parse_mesh_networks("")
     if env.get(MESH_NETWORKS, "").strip():
         mesh_networks = read(MESH_NETWORKS, _mesh_networks) or mesh_networks
     renew_jitter: float | None = DEFAULT_RENEW_JITTER
@@ -620,13 +620,13 @@ def _local_outbound(value: str, host: str) -> tuple[LocalOutbound, ...]:
     return tuple(found)
 
 
-def _mesh_networks(value: str) -> tuple[transparent.Network, ...]:
+def _mesh_networks(value: str) -> tuple[networks.Network, ...]:
     for entry in value.split(","):
         try:
             ipaddress.ip_network(entry.strip())
         except ValueError:
             raise _Invalid(f"has {entry.strip()!r}, which is not a network in CIDR form") from None
-    return transparent.parse_mesh_networks(value)
+    return networks.parse_mesh_networks(value)
 
 
 def _svc_name(value: str) -> str:

@@ -14,7 +14,8 @@ the proxy's inbound or outbound port, and this module reads where each was going
   policy service) says how it goes: over mTLS to that same ``ip:port`` (:meth:`Outbound.handle
   <meshward.proxy.outbound.Outbound.handle>`), where the peer's own rules redirect it to the
   peer's inbound proxy, which must prove one of the identities discovery named; or in
-  plaintext, when nothing meshed answers there. Without an answer, and without discovery (a
+  plaintext, when nothing meshed answers there. Without an answer (unless discovery still
+  holds the identities of a recent meshed one: those stay pinned), and without discovery (a
   policy file), it goes over mTLS and any identity the trust anchors vouch for is accepted:
   nothing is sent in clear on a guess. :func:`plan` makes that choice.
 
@@ -35,37 +36,13 @@ from collections.abc import Callable, Coroutine, Iterable
 
 from meshward import errors
 from meshward.proxy import discovery as proxy_discovery
-from meshward.proxy import forward, inbound, listener, original_dst, outbound
+from meshward.proxy import forward, inbound, listener, networks, original_dst, outbound
 from meshward.proxy import metrics as proxy_metrics
 
 logger = logging.getLogger(__name__)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-DEFAULT_MESH_NETWORKS = "10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"
-"""The private ranges clusters take pod and service addresses from."""
 CONNECT_TIMEOUT = 10.0
 OVER_LIMIT_LOG_INTERVAL = 1.0
-
-
-def parse_mesh_networks(text: str, what: str = "the mesh networks") -> tuple[Network, ...]:
-    """CIDRs separated by commas, e.g. ``10.0.0.0/8,fd00::/8``; blank: the defaults.
-
-    Raises :class:`~meshward.errors.ConfigError` naming ``what`` and the entry at fault.
-    """
-    if not text.strip():
-        text = DEFAULT_MESH_NETWORKS
-    found: list[Network] = []
-    for raw in text.split(","):
-        entry = raw.strip()
-        try:
-            found.append(ipaddress.ip_network(entry))
-        except ValueError as exc:
-            raise errors.ConfigError(
-                f"{what} has {entry!r}, which is not a network ({exc}): give CIDRs separated by "
-                f"commas, e.g. {DEFAULT_MESH_NETWORKS}"
-            ) from None
-    return tuple(found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +68,8 @@ def plan(
         return Plan(route=outbound.Route(dest.host, dest.port, None), discovered=None)
     if isinstance(answer, proxy_discovery.Meshed):
         return Plan(
-            route=outbound.Route(dest.host, dest.port, answer.identities), discovered="meshed"
+            route=outbound.Route(dest.host, dest.port, answer.identities),
+            discovered="stale" if answer.stale else "meshed",
         )
     if isinstance(answer, proxy_discovery.Plain):
         return Plan(route=None, discovered="plain")
@@ -116,6 +94,9 @@ class Counters:
     discovery_fallback: int = 0
     """Outbound into the mesh networks that discovery could not answer for: carried over mTLS
     to any mesh identity (counted in ``meshed`` too)."""
+    discovery_stale: int = 0
+    """Outbound into the mesh networks that discovery could not answer for now, held to the
+    identities of its last, expired, meshed answer (counted in ``meshed`` too)."""
     outbound_refused: int = 0
     """Outbound but not redirected."""
     outbound_failed: int = 0
@@ -126,11 +107,12 @@ class Counters:
 class Transparent:
     """The inbound and outbound accept loops of one proxy in transparent mode.
 
-    ``mesh_networks`` (default :data:`DEFAULT_MESH_NETWORKS`) are where outbound connections
-    may go over mTLS; ``discovery``, when given, says for each destination there whether they
-    do and who must answer (without it, every one does, to any mesh identity). ``proxy_ports``
-    are the proxy's own ports (the admin port, say): a redirected connection addressed to one of
-    them is refused; the ports the loops listen on are added as they bind.
+    ``mesh_networks`` (default :data:`meshward.proxy.networks.DEFAULT_MESH_NETWORKS`) are
+    where outbound connections may go over mTLS; ``discovery``, when given, says for each
+    destination there whether they do and who must answer (without it, every one does, to any
+    mesh identity). ``proxy_ports`` are the proxy's own ports (the admin port, say): a
+    redirected connection addressed to one of them is refused; the ports the loops listen on
+    are added as they bind.
     """
 
     def __init__(
@@ -138,7 +120,7 @@ class Transparent:
         *,
         inbound_side: inbound.Inbound,
         outbound_side: outbound.Outbound,
-        mesh_networks: Iterable[Network] | None = None,
+        mesh_networks: Iterable[networks.Network] | None = None,
         proxy_ports: Iterable[int] = (),
         max_outbound: int = 10_000,
         discovery: proxy_discovery.Discovery | None = None,
@@ -146,7 +128,9 @@ class Transparent:
         self._inbound = inbound_side
         self._outbound = outbound_side
         self._discovery = discovery
-        self._mesh = tuple(mesh_networks) if mesh_networks is not None else parse_mesh_networks("")
+        self._mesh = (
+            tuple(mesh_networks) if mesh_networks is not None else networks.parse_mesh_networks("")
+        )
         self._proxy_ports = set(proxy_ports)
         self._max_outbound = max_outbound
         self._outbound_open = 0
@@ -257,6 +241,8 @@ class Transparent:
             self.counters.passed_through += 1
         if chosen.discovered == "fallback":
             self.counters.discovery_fallback += 1
+        elif chosen.discovered == "stale":
+            self.counters.discovery_stale += 1
         if chosen.discovered is not None:
             self._outbound.metrics.discovered(chosen.discovered)
         return chosen
