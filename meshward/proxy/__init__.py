@@ -20,19 +20,25 @@ the parts, in the order data meets them:
     outbound    plaintext from the app, mTLS to the peer, the peer's identity checked
     metrics     Linkerd-named counters: authorization by server, rule and client; bytes
     policy_source  the compiled document from a file: reloaded, last valid kept, none = deny
-    policy_stream  the same from the policy service's Watch stream, over mTLS
-    admin       /live, /ready, /metrics, /identity
+    policy_channel  the mTLS gRPC channel to the policy service, renewed with the certificate
+    policy_stream  the same from the policy service's Watch stream, over that channel
+    report      the trust state held (bundle, leaf issuer), reported to the policy service
+    discovery   whether a destination is meshed and who must answer (Lookup), cached
+    admin       /live, /ready, /metrics, /identity, /shutdown (loopback only)
     interception  the iptables rules that steer a pod's TCP through its proxy (pure)
     proxy_init  ``meshward proxy-init``: those rules installed, idempotently
     original_dst  where a redirected connection was going (SO_ORIGINAL_DST)
     listener    a listening socket and its accept loop (both modes)
-    transparent accept loops for redirected connections, both directions
+    networks    the mesh networks: where outbound connections may be meshed (pure)
+    transparent accept loops for redirected connections, both directions; outbound, what
+                discovery says: mTLS pinned, plaintext, or mTLS to any mesh identity
     run         settings in, every part started and wired, everything stopped; the
                 process runs on uvloop (compiled transports and TLS)
 
 Two modes: local (explicit LISTEN=APP port maps on loopback, for runs without pods) and
 transparent (no local entries: the pod's traffic arrives through the interception rules).
 Not built: per-request decisions on HTTP/2 (decided per connection, failing closed where a
-route would matter), and destination discovery: in transparent mode an outbound peer must prove
-some mesh identity, not one known in advance.
+route would matter). Without the policy service (a policy file) there is no discovery: in
+transparent mode an outbound peer in the mesh networks must prove some mesh identity, not one
+known in advance.
 """
