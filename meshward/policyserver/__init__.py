@@ -4,7 +4,8 @@ also collects what trust state each proxy holds (issue 6) and publishes it for t
 tells proxies which destinations are meshed and who must answer there (``Lookup``).
 
     documents   the latest valid document per namespace, handed to watchers newest-only
-    configmaps  the meshward-policy ConfigMaps of every namespace: list, watch, re-list
+    watching    following one kind of object: list, watch, resume, re-list on 410, backoff
+    configmaps  the meshward-policy ConfigMaps of every namespace, into the documents
     destinations  meshed pod and Service addresses from pods, Services, EndpointSlices (Lookup),
                 and whether that picture is still fresh
     reports     the latest trust-state report of each proxy, checked, expired when stale

@@ -33,7 +33,7 @@ endpoint's address, the answer is :class:`Unsure` and the proxy is told to retry
 what lookups need: every pod by key (meshed, or a marker that it is not, so that "not meshed"
 differs from "not seen yet"), Services, EndpointSlices, and the Service answers worked out
 since the last change. :class:`Source` is the async edge: it lists and watches the three kinds
-across all namespaces like :mod:`meshward.policyserver.configmaps` (a full paged list, a watch
+across all namespaces with :mod:`meshward.policyserver.watching` (a full paged list, a watch
 from its resourceVersion, a relist on 410 Gone or failure after a backoff), and sets
 ``synced`` once each kind has been listed; until then the server answers UNAVAILABLE rather
 than guess. Through a short outage the answers held keep being given; once any kind has gone
@@ -57,12 +57,11 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
-import aiohttp
 from kubernetes_asyncio import client
 
 from meshward import errors, inject
 from meshward.identity import pki
-from meshward.policyserver import configmaps, metrics
+from meshward.policyserver import metrics, watching
 from meshward.proxy import interception, proxy_init
 
 logger = logging.getLogger(__name__)
@@ -648,6 +647,7 @@ class Source:
                 host,
                 index,
                 counters,
+                self._listed,
             ),
             _Follower(
                 _Resource(Kind.SERVICES, "Services", "services"),
@@ -655,6 +655,7 @@ class Source:
                 host,
                 index,
                 counters,
+                self._listed,
             ),
             _Follower(
                 _Resource(
@@ -664,6 +665,7 @@ class Source:
                 host,
                 index,
                 counters,
+                self._listed,
             ),
         )
 
@@ -671,7 +673,7 @@ class Source:
         """List and watch the three kinds until cancelled."""
         async with asyncio.TaskGroup() as group:
             for follower in self._followers:
-                group.create_task(follower.run(self._listed))
+                group.create_task(follower.run())
 
     def unavailable(self) -> str | None:
         """Why lookups can not be answered now (completing "the policy server ..."), or None
@@ -760,9 +762,9 @@ class _EndpointSlices:
         )
 
 
-class _Follower:
-    """One kind, followed as :class:`meshward.policyserver.configmaps.ConfigMapSource`
-    follows the ConfigMaps, noting when it last heard from the API server."""
+class _Follower(watching.Follower):
+    """One kind, followed into its table of the :class:`Index`, noting when it last heard from
+    the API server."""
 
     def __init__(
         self,
@@ -771,11 +773,21 @@ class _Follower:
         host: str,
         index: Index,
         counters: metrics.Metrics,
+        on_listed: Callable[[], None],
     ) -> None:
+        super().__init__(
+            call=call,
+            host=host,
+            title=resource.title,
+            rbac=resource.rbac,
+            subject=f"the cluster's {resource.title}",
+            page=PAGE,
+            errors_counter=counters.destination_source_errors.labels(kind=resource.kind),
+            log=logger,
+        )
         self.resource = resource
         self.listed = False
-        self._call = call
-        self._host = host
+        self._on_listed = on_listed
         self._index = index
         self._table = index.table(resource.kind)
         self._metrics = counters
@@ -787,111 +799,39 @@ class _Follower:
         while a watch is open."""
         return 0.0 if self._watching else max(0.0, now - self._heard)
 
-    async def run(self, on_listed: Callable[[], None]) -> None:
-        failures = 0
-        while True:
-            try:
-                version = await self._list()
-                if failures:
-                    logger.info(
-                        "reading the cluster's %s again after %d failures",
-                        self.resource.title,
-                        failures,
-                    )
-                failures = 0
-                self.listed = True
-                on_listed()
-                await self._watch(version)
-            except errors.ClusterUnreachable as exc:
-                failures += 1
-                self._metrics.destination_source_errors.labels(kind=self.resource.kind).inc()
-                delay = configmaps.backoff(failures)
-                log = logger.warning if failures == 1 else logger.debug
-                log(
-                    "can not follow the cluster's %s (%s); answering lookups from the %d held "
-                    "for up to %g s, retrying in %.1f s",
-                    self.resource.title,
-                    exc,
-                    self._table.counted,
-                    STALE_AFTER,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-
-    async def _list(self) -> str:
-        """Replace the table by a full (paged) list; the list's version."""
+    def begin_list(self) -> None:
         self._table.discard_staged()
-        token: str | None = None
-        try:
-            while True:
-                page = await self._request(
-                    "list",
-                    limit=PAGE,
-                    _continue=token,
-                    _request_timeout=(configmaps.CONNECT_TIMEOUT, configmaps.LIST_TIMEOUT),
-                )
-                body = configmaps.parse_json(
-                    await configmaps.read_all(page, self._host), f"a list of {self.resource.title}"
-                )
-                self._heard = time.monotonic()
-                items = body.get("items")
-                for item in items if isinstance(items, list) else ():
-                    if isinstance(item, Mapping):
-                        self._table.stage(item)
-                meta = _mapping(body.get("metadata"))
-                token = meta.get("continue") or None
-                if token is None:
-                    self._table.commit()
-                    self._index.changed()
-                    self._count()
-                    logger.debug(
-                        "listed %d %s of interest", self._table.counted, self.resource.title
-                    )
-                    return str(meta.get("resourceVersion") or "")
-        finally:
-            self._table.discard_staged()
 
-    async def _watch(self, version: str) -> None:
-        """Apply events until the version expires (410 Gone); resume after ordinary ends."""
-        while True:
-            response = await self._request(
-                "watch",
-                watch=True,
-                allow_watch_bookmarks=True,
-                resource_version=version,
-                timeout_seconds=configmaps.WATCH_TIMEOUT,
-                _request_timeout=(configmaps.CONNECT_TIMEOUT, configmaps.WATCH_TIMEOUT + 60),
-            )
-            self._watching = True
-            try:
-                async for event in configmaps.events(response, self._host):
-                    kind = event.get("type")
-                    obj = _mapping(event.get("object"))
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:
-                            logger.debug(
-                                "%s watch version %s expired; listing again",
-                                self.resource.title,
-                                version,
-                            )
-                            return
-                        raise errors.ClusterUnreachable(
-                            f"the watch of {self.resource.title} at {self._host} failed: "
-                            f"HTTP {obj.get('code')} {obj.get('message')}"
-                        )
-                    version = str(_mapping(obj.get("metadata")).get("resourceVersion") or version)
-                    if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self._index.apply(self.resource.kind, str(kind), obj)
-                        self._count()
-            finally:
-                self._watching = False
-                self._heard = time.monotonic()
-                response.release()
+    def take_page(self, items: list[Mapping[str, Any]]) -> None:
+        self._heard = time.monotonic()
+        for item in items:
+            self._table.stage(item)
+
+    def commit_list(self) -> None:
+        """The full list replaces the table; the first time, this kind is listed."""
+        self._table.commit()
+        self._index.changed()
+        self._count()
+        logger.debug("listed %d %s of interest", self._table.counted, self.resource.title)
+        self.listed = True
+        self._on_listed()
+
+    def end_list(self) -> None:
+        self._table.discard_staged()
+
+    def watch_opened(self) -> None:
+        self._watching = True
+
+    def watch_closed(self) -> None:
+        self._watching = False
+        self._heard = time.monotonic()
+
+    def apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        self._index.apply(self.resource.kind, kind, obj)
+        self._count()
+
+    def holding(self) -> str:
+        return f"answering lookups from the {self._table.counted} held for up to {STALE_AFTER:g} s"
 
     def _count(self) -> None:
         self._metrics.destinations.labels(kind=self.resource.kind).set(self._table.counted)
-
-    async def _request(self, what: str, **kwargs: Any) -> aiohttp.ClientResponse:
-        return await configmaps.request(
-            self._call, self._host, what, self.resource.title, self.resource.rbac, **kwargs
-        )

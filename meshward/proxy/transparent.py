@@ -6,7 +6,8 @@ the proxy's inbound or outbound port, and this module reads where each was going
 
 - inbound: a connection to ``ip:port`` of the pod is decided as one to ``port`` and forwarded
   to the application at that same ``ip:port``, not loopback, so a port bound to 127.0.0.1 only
-  stays out of other pods' reach (:meth:`Inbound.handle <meshward.proxy.inbound.Inbound.handle>`). One that was not redirected, or was addressed to a
+  stays out of other pods' reach (:meth:`Inbound.handle
+  <meshward.proxy.inbound.Inbound.handle>`). One that was not redirected, or was addressed to a
   port of the proxy's own, is refused: there is no application behind it.
 - outbound: a connection to ``ip:port`` outside the mesh networks (the cluster's pod and
   service ranges) is passed through in plaintext, unread, as if there were no proxy. Inside
